@@ -1,0 +1,115 @@
+"""The frozen semantic teacher: a SigLIP image-text model (our stand-in for pretrained SigLIP at toy scale).
+
+A teacher folder is a plain ``transformers`` SigLIP folder (``config.json`` of ``SiglipConfig`` +
+``model.safetensors``) plus the text tokenizer, so :meth:`DualTokenizer.from_siglip` reads it exactly like a real
+SigLIP checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import check_model_dir, resolve_model_dir
+from .config import load_preset
+from .errors import CheckpointError
+from .text import TextTokenizer
+
+
+@dataclass
+class TeacherFeatures:
+    layer_features: torch.Tensor  # (B, N, width): output of the requested tower layer (paper eq. 4's F_0)
+    pooled: torch.Tensor  # (B, width): attention-pooled embedding (not normalized)
+
+
+class Teacher(nn.Module):
+    def __init__(self, model, text_tokenizer: TextTokenizer | None = None):
+        super().__init__()
+        self.model = model  # transformers.SiglipModel
+        self.text_tokenizer = text_tokenizer
+
+    @classmethod
+    def from_preset(cls, name: str, text_tokenizer: TextTokenizer | None = None) -> "Teacher":
+        """A randomly initialised teacher with the tower shapes of a tokenizer preset."""
+        from transformers import SiglipConfig, SiglipModel
+
+        preset = load_preset(name)
+        text = dict(preset["text"])
+        if text_tokenizer is not None:
+            text["vocab_size"] = text_tokenizer.vocab_size
+            text["max_position_embeddings"] = text_tokenizer.max_length
+            text["pad_token_id"] = text_tokenizer.pad_id
+        config = SiglipConfig(text_config=text, vision_config=preset["vision"])
+        return cls(SiglipModel(config), text_tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "Teacher":
+        from transformers import SiglipModel
+
+        folder = resolve_model_dir(name_or_path)
+        check_model_dir(folder)
+        try:
+            model = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{folder} is not a loadable SigLIP teacher: {e}") from e
+        return cls(model, TextTokenizer.load(folder)).to(device).eval()
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if dtype is not None:
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)
+        model.save_pretrained(folder)
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save(folder)
+
+    @property
+    def vision(self):
+        return self.model.vision_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def features(self, pixel_values: torch.Tensor, layer: int) -> TeacherFeatures:
+        """Output of tower layer ``layer`` (1-indexed) and the pooled embedding, in one pass."""
+        v = self.vision
+        h = v.embeddings(pixel_values)
+        layer_features = None
+        for i, block in enumerate(v.encoder.layers, start=1):
+            h = block(h, None)
+            if i == layer:
+                layer_features = h
+        pooled = v.head(v.post_layernorm(h))
+        return TeacherFeatures(layer_features=layer_features, pooled=pooled)
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def text_embeds_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.text_model(input_ids=input_ids).pooler_output, dim=-1)
+
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if self.text_tokenizer is None:
+            raise CheckpointError("this teacher has no text tokenizer")
+        return self.text_embeds_from_ids(self.text_tokenizer(texts).to(self.device))
+
+    def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """SigLIP's pairwise sigmoid loss: each image-caption pair is a binary classification (Zhai et al. 2023).
+
+        A closed vocabulary repeats captions within a batch, so every pair with an identical caption is a positive.
+        """
+        img = self.image_embeds(pixel_values)
+        txt = self.text_embeds_from_ids(input_ids)
+        logits = img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias
+        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
+        labels = same.float() * 2 - 1
+        return -F.logsigmoid(labels * logits).sum() / len(img)

@@ -1,0 +1,220 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualtoken.errors import CheckpointError, CodesError, DualTokenError, ImageInputError
+from dualtoken.tokenizer import DualTokenizer
+
+from .conftest import TINY_TEXT, TINY_VISION, micro_config
+
+
+def images(n=2, size=(40, 50)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_forward_gives_everything_training_needs(micro_tokenizer):
+    micro_tokenizer.train()
+    out = micro_tokenizer(torch.randn(2, 3, 32, 32))
+    assert out.reconstruction.shape == (2, 3, 32, 32)
+    assert out.pixel_codes.shape == (2, 8, 8, 3) and out.semantic_codes.shape == (2, 8, 8, 3)
+    assert out.semantic_features.shape == (2, 64, 32) and out.pooled.shape == (2, 32)
+    assert out.pixel_commit_loss.ndim == 0 and out.semantic_commit_loss.ndim == 0
+    loss = out.reconstruction.square().mean() + out.pixel_commit_loss + out.pooled.square().mean()
+    loss.backward()
+    assert micro_tokenizer.tower.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_decode_codes_round_trip(micro_tokenizer):
+    """decode_codes(encode(x)) is exactly the reconstruction of the forward pass (eval)."""
+    x = micro_tokenizer.preprocess(images())
+    codes = micro_tokenizer.encode(x)
+    with torch.no_grad():
+        expected = micro_tokenizer(x).reconstruction.clamp(-1, 1)
+    assert torch.allclose(micro_tokenizer.decode_codes(codes.pixel_codes), expected, atol=1e-5)
+
+
+def test_encode_changes_no_state(micro_tokenizer):
+    micro_tokenizer.train()  # encode must switch to eval on its own and come back
+    before = {k: v.clone() for k, v in micro_tokenizer.state_dict().items()}
+    micro_tokenizer.encode(torch.randn(3, 3, 32, 32))
+    assert micro_tokenizer.training
+    for k, v in micro_tokenizer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_partial_depth_decoding(micro_tokenizer):
+    x = micro_tokenizer.preprocess(images())
+    codes = micro_tokenizer.encode(x).pixel_codes
+    coarse = micro_tokenizer.decode_codes(codes[..., :1])
+    full = micro_tokenizer.decode_codes(codes)
+    assert coarse.shape == full.shape == (2, 3, 32, 32)
+    assert not torch.allclose(coarse, full)
+    img = micro_tokenizer.reconstruct(images(1)[0], depth=2)
+    assert img.size == (32, 32) and img.mode == "RGB"
+    with pytest.raises(CodesError):
+        micro_tokenizer.reconstruct(images(1)[0], depth=4)
+
+
+def test_single_codebook_mode_shares_codes():
+    model = DualTokenizer(micro_config("single")).eval()
+    out = model.encode(torch.randn(2, 3, 32, 32))
+    assert torch.equal(out.pixel_codes, out.semantic_codes)
+    assert not hasattr(model, "pixel_projection")
+    assert model.decode_codes(out.pixel_codes).shape == (2, 3, 32, 32)
+
+
+def test_save_load_gives_identical_codes_and_images(micro_tokenizer, tmp_path):
+    micro_tokenizer.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DualTokenizer.from_pretrained(tmp_path / "m")
+    x = micro_tokenizer.preprocess(images())
+    a, b = micro_tokenizer.encode(x), loaded.encode(x)
+    assert torch.equal(a.pixel_codes, b.pixel_codes) and torch.equal(a.semantic_codes, b.semantic_codes)
+    assert torch.equal(micro_tokenizer.decode_codes(a.pixel_codes), loaded.decode_codes(b.pixel_codes))
+
+
+def test_fp16_checkpoint_loads_in_fp32(micro_tokenizer, tmp_path):
+    micro_tokenizer.save_pretrained(tmp_path / "m", dtype=torch.float16)
+    loaded = DualTokenizer.from_pretrained(tmp_path / "m")
+    assert loaded.decoder.conv_out.weight.dtype == torch.float32
+    x = micro_tokenizer.preprocess(images())
+    assert torch.allclose(micro_tokenizer.decode_codes(micro_tokenizer.encode(x).pixel_codes),
+                          loaded.decode_codes(micro_tokenizer.encode(x).pixel_codes), atol=2e-2)
+
+
+def _save_siglip(folder, with_text=True):
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    from dualtoken.text import TextTokenizer
+
+    vision = dict(TINY_VISION, image_size=64)
+    if with_text:
+        model = SiglipModel(SiglipConfig(vision_config=vision, text_config=TINY_TEXT))
+        tok = TextTokenizer.train_word_level(["a red circle", "a blue square"], max_length=8)
+        model.save_pretrained(folder)
+        tok.save(folder)
+    else:
+        model = SiglipVisionModel(SiglipVisionConfig(**vision))
+        model.save_pretrained(folder)
+    return model
+
+
+def test_from_siglip_starts_from_the_pretrained_tower(tmp_path):
+    siglip = _save_siglip(tmp_path / "siglip").eval()
+    # The tiny preset's branches (pixel layer 2, semantic layer 5 of 6) need a 6-layer tower; ours has 4.
+    with pytest.raises(DualTokenError, match="semantic.layer=5"):
+        DualTokenizer.from_siglip(tmp_path / "siglip", preset="tiny")
+    model = DualTokenizer.from_siglip(tmp_path / "siglip", preset="tiny",
+                                      semantic={"layer": 3, "quantizer": {"codebook_size": 32, "dim": 8, "depth": 2}})
+    for k, v in siglip.vision_model.state_dict().items():
+        assert torch.equal(model.tower.state_dict()[k], v), k
+    text = model.encode_text(["a red circle", "a blue square"])
+    assert text.shape == (2, 32) and torch.allclose(text.norm(dim=-1), torch.ones(2))
+    ids = model.text_tokenizer(["a red circle"])
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(siglip.text_model(input_ids=ids).pooler_output, dim=-1)
+    assert torch.allclose(text[:1], ref, atol=1e-5)
+    assert model.image_embeds(torch.randn(2, 3, 64, 64)).shape == (2, 32)
+
+
+def test_from_siglip_vision_only(tmp_path):
+    _save_siglip(tmp_path / "v", with_text=False)
+    model = DualTokenizer.from_siglip(tmp_path / "v", preset="tiny-single",
+                                      semantic={"layer": 4, "quantizer": {"codebook_size": 32, "dim": 8, "depth": 2}})
+    assert model.text_tower is None
+    with pytest.raises(DualTokenError, match="no text tower"):
+        model.encode_text("a red circle")
+
+
+def test_text_tower_saved_with_its_tokenizer(tmp_path):
+    from dualtoken.text import TextTokenizer
+
+    model = DualTokenizer(micro_config(text=True)).eval()
+    model.text_tokenizer = TextTokenizer.train_word_level(["a red striped sneaker"], max_length=8)
+    model.save_pretrained(tmp_path / "m")
+    loaded = DualTokenizer.from_pretrained(tmp_path / "m")
+    assert torch.equal(model.encode_text("a red sneaker"), loaded.encode_text("a red sneaker"))
+
+
+# -- bad input ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "RGB"])
+def test_preprocess_every_pil_mode(micro_tokenizer, mode):
+    img = Image.new(mode, (45, 31))
+    x = micro_tokenizer.preprocess([img])
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+def test_preprocess_resizes_short_side_and_centre_crops(micro_tokenizer):
+    # A wide image whose left and right thirds are black and middle white: the centre crop is all white.
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, 32:64] = 255
+    x = micro_tokenizer.preprocess([Image.fromarray(arr)])
+    assert x.min() > 0.9
+
+
+def test_corrupt_and_empty_images_are_named(micro_tokenizer, tmp_path):
+    buf = io.BytesIO()
+    images(1)[0].save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:60])
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("cut.png", "text.png", "missing.png"):
+        with pytest.raises(ImageInputError):
+            micro_tokenizer.reconstruct(tmp_path / name)
+    with pytest.raises(ImageInputError, match="empty list"):
+        micro_tokenizer.preprocess([])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.randn(3, 32, 32), r"shape \(B, 3, H, W\)"),
+    (torch.randn(1, 1, 32, 32), r"shape \(B, 3, H, W\)"),
+    (torch.randn(1, 3, 30, 32), "must be 32x32"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+    (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+    (np.zeros((1, 3, 32, 32), np.float32), "torch.Tensor"),
+])
+def test_bad_tensors_are_named(micro_tokenizer, bad, message):
+    with pytest.raises(ImageInputError, match=message):
+        micro_tokenizer.encode(bad)
+
+
+@pytest.mark.parametrize("codes, message", [
+    (torch.full((1, 8, 8, 3), 64), r"lie in \[0, 64\)"),
+    (torch.full((1, 8, 8, 3), -1), r"lie in \[0, 64\)"),
+    (torch.zeros(1, 8, 8, 4, dtype=torch.long), "depth"),
+    (torch.zeros(1, 8, 8, 3), "dtype|integer"),
+    (torch.zeros(1, 7, 8, 3, dtype=torch.long), r"shape \(B, 8, 8, depth\)"),
+])
+def test_bad_codes_are_named(micro_tokenizer, codes, message):
+    with pytest.raises(CodesError, match=message):
+        micro_tokenizer.decode_codes(codes)
+
+
+def test_bad_model_folders_are_named(micro_tokenizer, tmp_path):
+    with pytest.raises(CheckpointError, match="no model folder"):
+        DualTokenizer.from_pretrained(tmp_path / "nowhere")
+    folder = tmp_path / "m"
+    micro_tokenizer.save_pretrained(folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        DualTokenizer.from_pretrained(folder)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        DualTokenizer.from_pretrained(folder)
+    micro_tokenizer.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        DualTokenizer.from_pretrained(folder)
+    micro_tokenizer.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pixel"]["quantizer"]["codebook_size"] = 128
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mismatched shapes"):
+        DualTokenizer.from_pretrained(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        DualTokenizer.from_pretrained(folder)
