@@ -1,0 +1,233 @@
+"""Evaluation of tokenizers (paper Table 1 / Table 3 at toy scale): ``python -m dualtoken.eval --help``.
+
+Reconstruction: PSNR, SSIM and rFD, the Frechet distance of the teacher's pooled features between originals and
+reconstructions (a stand-in for rFID, labelled as such; true rFID with ``--inception-weights``).
+Semantics: zero-shot top-1 for category, color and texture, image->text and text->image retrieval R@1, for the
+tokenizer (through its quantized semantic path) and for the teacher, and the share of the teacher's score kept.
+Codebooks: usage and perplexity of each branch. All on held-out data only: the toy-world test split, the
+Fashion-MNIST test split, and the natural photos no model is trained on (reconstruction only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import data as toy
+from . import metrics
+from .errors import DualTokenError
+
+ZERO_SHOT_PROMPTS = {
+    "category": lambda w: f"a {w}",
+    "color": lambda w: f"a {w} object",
+    "texture": lambda w: f"a {w} object",
+}
+
+
+@dataclass
+class EvalSet:
+    name: str
+    images: list[Image.Image]
+    labels: dict[str, list[str]] | None  # attribute -> word per image; None for photos without labels
+    captions: list[str] | None
+
+
+def toy_test_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    world = toy.ToyWorld("test", size=n, image_size=image_size, seed=seed)
+    samples = [world[i] for i in range(n)]
+    return _labelled_set("toy-test", samples)
+
+
+def fashion_test_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    return _labelled_set("fmnist-test", toy.colorized_fashion_mnist("test", n=n, image_size=image_size, seed=seed))
+
+
+def natural_set() -> EvalSet:
+    photos = toy.natural_eval_images()
+    return EvalSet("natural", list(photos.values()), None, None)
+
+
+def _labelled_set(name: str, samples: Sequence) -> EvalSet:
+    labels = {attr: [getattr(s, attr) for s in samples] for attr in ZERO_SHOT_PROMPTS}
+    return EvalSet(name, [s.image for s in samples], labels, [s.caption for s in samples])
+
+
+# -- the pieces ---------------------------------------------------------------------------------------------------
+def _batches(items: Sequence, size: int, desc: str):
+    for start in tqdm(range(0, len(items), size), desc=desc, leave=False, disable=None):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def reconstruction_metrics(tokenizer, images: list[Image.Image], teacher=None, inception=None,
+                           batch_size: int = 64, depth: int | None = None) -> dict[str, float]:
+    """PSNR / SSIM (on [0, 1] pixels), rFD (teacher features), rFID (Inception) and codebook statistics."""
+    meter = metrics.ReconstructionMeter()
+    teacher_feats = (metrics.RunningGaussian(), metrics.RunningGaussian())
+    inception_feats = (metrics.RunningGaussian(), metrics.RunningGaussian())
+    pixel_codes, semantic_codes = [], []
+    for batch in _batches(images, batch_size, "reconstruct"):
+        x = tokenizer.preprocess(batch)
+        codes = tokenizer.encode(x)
+        pixel_codes.append(codes.pixel_codes)
+        semantic_codes.append(codes.semantic_codes)
+        pc = codes.pixel_codes if depth is None else codes.pixel_codes[..., :depth]
+        recon = tokenizer.decode_codes(pc)
+        meter.update(metrics.to_unit_range(x), metrics.to_unit_range(recon))
+        if teacher is not None:
+            teacher_feats[0].update(teacher.vision(pixel_values=x).pooler_output)
+            teacher_feats[1].update(teacher.vision(pixel_values=recon).pooler_output)
+        if inception is not None:
+            inception_feats[0].update(inception(metrics.to_unit_range(x)))
+            inception_feats[1].update(inception(metrics.to_unit_range(recon)))
+    out = meter.compute()
+    result = {"psnr": out["psnr"], "ssim": out["ssim"], "n": out["n"]}
+    if teacher is not None and len(images) > 1:
+        a, b = teacher_feats
+        result["rFD_teacher"] = metrics.frechet_distance_from_stats(a.mean, a.covariance, b.mean, b.covariance)
+    if inception is not None and len(images) > 1:
+        a, b = inception_feats
+        result["rFID"] = metrics.frechet_distance_from_stats(a.mean, a.covariance, b.mean, b.covariance)
+    pix, sem = torch.cat(pixel_codes), torch.cat(semantic_codes)
+    k_pix, k_sem = tokenizer.pixel_quantizer.codebook_size, tokenizer.semantic_quantizer.codebook_size
+    result.update(
+        pixel_usage=metrics.codebook_usage(pix, k_pix), pixel_perplexity=metrics.codebook_perplexity(pix, k_pix),
+        semantic_usage=metrics.codebook_usage(sem, k_sem),
+        semantic_perplexity=metrics.codebook_perplexity(sem, k_sem),
+    )
+    return result
+
+
+@torch.no_grad()
+def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preprocess: Callable, evalset: EvalSet,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Zero-shot top-1 per attribute and retrieval R@1 for any (image, text) embedding pair."""
+    feats = torch.cat([image_embed_fn(preprocess(b)) for b in _batches(evalset.images, batch_size, "embed")])
+    out = {}
+    for attr, prompt in ZERO_SHOT_PROMPTS.items():
+        vocab = sorted(set(getattr(toy, {"category": "CATEGORIES", "color": "COLORS", "texture": "TEXTURES"}[attr])))
+        text = text_embed_fn([prompt(w) for w in vocab])
+        labels = torch.tensor([vocab.index(w) for w in evalset.labels[attr]])
+        out[f"zero_shot_{attr}"] = metrics.zero_shot_accuracy(feats, text, labels)
+    unique = sorted(set(evalset.captions))
+    text = text_embed_fn(unique)
+    # Several images share a canonical caption: image->text is right when its caption is the nearest one, and
+    # text->image when the nearest image carries that caption.
+    img_caption = torch.tensor([unique.index(c) for c in evalset.captions])
+    sims = feats @ text.t()
+    out["i2t_r1"] = (sims.argmax(1) == img_caption).float().mean().item()
+    out["t2i_r1"] = (img_caption[sims.argmax(0)] == torch.arange(len(unique))).float().mean().item()
+    return out
+
+
+def evaluate_tokenizer(tokenizer, teacher=None, sets: Sequence[EvalSet] = (), inception=None,
+                       batch_size: int = 64) -> dict:
+    """All metrics of one tokenizer on each set; semantic ones also for the teacher, with the share kept."""
+    results = {}
+    for evalset in sets:
+        r = reconstruction_metrics(tokenizer, evalset.images, teacher, inception, batch_size)
+        if evalset.labels is not None and tokenizer.text_tower is not None:
+            sem = semantic_metrics(tokenizer.image_embeds, tokenizer.encode_text, tokenizer.preprocess, evalset,
+                                   batch_size)
+            r.update(sem)
+            if teacher is not None:
+                ref = semantic_metrics(teacher.image_embeds, teacher.encode_text, tokenizer.preprocess, evalset,
+                                       batch_size)
+                r.update({f"teacher_{k}": v for k, v in ref.items()})
+                r.update({f"kept_{k}": (v / ref[k] if ref[k] else float("nan")) for k, v in sem.items()})
+        results[evalset.name] = r
+    return results
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    """One row per (model, set); columns are the metrics present."""
+    columns = ["psnr", "ssim", "rFD_teacher", "rFID", "zero_shot_category", "teacher_zero_shot_category",
+               "kept_zero_shot_category", "zero_shot_color", "zero_shot_texture", "i2t_r1", "t2i_r1",
+               "pixel_usage", "semantic_usage", "pixel_perplexity", "semantic_perplexity"]
+    present = [c for c in columns if any(c in r for sets in results.values() for r in sets.values())]
+    lines = ["| model | data | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+    for model, sets in results.items():
+        for name, r in sets.items():
+            cells = [_fmt(r.get(c)) for c in present]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dualtoken.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="tokenizer to evaluate, as NAME=DIR or DIR (repeatable), e.g. dualtoken=assets/dualtoken-tiny")
+    p.add_argument("--teacher", default=None, help="teacher folder (for rFD and the teacher's zero-shot scores)")
+    p.add_argument("--data", default="toy,fmnist,natural",
+                   help="comma-separated sets: toy (toy-world test split), fmnist (Fashion-MNIST test split),"
+                        " natural (held-out photos, reconstruction only); default: all three")
+    p.add_argument("--n", type=int, default=1000, help="images per labelled set (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled test items")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--inception-weights", default=None,
+                   help="FID InceptionV3 weights file (pt_inception-2015-12-05, safetensors or .pth): adds true rFID")
+    p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
+    p.add_argument("--markdown", type=Path, default=None, help="write a Markdown table here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .teacher import Teacher
+    from .tokenizer import DualTokenizer
+
+    try:
+        if not args.model:
+            raise DualTokenError("name at least one --model NAME=DIR")
+        teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
+        inception = None
+        if args.inception_weights:
+            from .inception import FIDInceptionV3
+
+            inception = FIDInceptionV3.from_weights(args.inception_weights)
+        models = {}
+        for spec in args.model:
+            name, _, folder = spec.rpartition("=")
+            models[name or Path(folder).name] = DualTokenizer.from_pretrained(folder)
+        size = next(iter(models.values())).config.image_size
+        builders = {"toy": lambda: toy_test_set(args.n, size, args.seed),
+                    "fmnist": lambda: fashion_test_set(args.n, size, args.seed), "natural": natural_set}
+        names = [s.strip() for s in args.data.split(",") if s.strip()]
+        unknown = [s for s in names if s not in builders]
+        if unknown:
+            raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(builders)}")
+        sets = [builders[s]() for s in names]
+        results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size)
+                   for name, m in models.items()}
+    except DualTokenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = markdown_table(results)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
