@@ -89,3 +89,26 @@ def load_state(module: torch.nn.Module, path: Path, strict: bool = True) -> None
 def _few(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+class quiet_transformers:
+    """Silence transformers' load-time chatter (progress bars; default-config warnings on SigLIP loads) in a block.
+
+    Loading a SigLIP config builds a default text config first, whose CLIP token ids trip a vocabulary warning
+    before the real values replace them: noise to a user, so it is hidden here and nowhere else.
+    """
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._level = logging.get_verbosity()
+        self._bars = logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._level)
+        if self._bars:
+            logging.enable_progress_bar()

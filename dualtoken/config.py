@@ -158,13 +158,23 @@ class DualTokenConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "DualTokenConfig":
-        """A named preset (see :func:`list_presets`); ``overrides`` replace top-level fields."""
+        """A named preset (see :func:`list_presets`); ``overrides`` are merged in, nested dicts key by key
+        (``semantic={"layer": 3}`` changes the layer and keeps the preset's quantizer)."""
         data = load_preset(name)
         if data.get("kind", "tokenizer") != "tokenizer":
             raise ConfigError(f"preset {name!r} is a {data['kind']} preset, not a tokenizer preset")
         data = {k: v for k, v in data.items() if k not in ("kind", "description")}
-        data.update(overrides)
-        return cls.from_dict(data)
+        return cls.from_dict(_merge(data, overrides))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("vision", "text"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value  # a tower config is replaced whole: it comes from a checkpoint, not a tweak
+    return out
 
 
 def _build(cls: type, data: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_model_dir, resolve_model_dir
+from .checkpoint import check_model_dir, quiet_transformers, resolve_model_dir
 from .config import load_preset
 from .errors import CheckpointError
 from .text import TextTokenizer
@@ -54,7 +54,8 @@ class Teacher(nn.Module):
         folder = resolve_model_dir(name_or_path)
         check_model_dir(folder)
         try:
-            model = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            with quiet_transformers():
+                model = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{folder} is not a loadable SigLIP teacher: {e}") from e
         return cls(model, TextTokenizer.load(folder)).to(device).eval()
@@ -67,7 +68,8 @@ class Teacher(nn.Module):
             import copy
 
             model = copy.deepcopy(model).to(dtype)
-        model.save_pretrained(folder)
+        with quiet_transformers():
+            model.save_pretrained(folder)
         if self.text_tokenizer is not None:
             self.text_tokenizer.save(folder)
 

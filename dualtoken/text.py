@@ -80,6 +80,12 @@ class TextTokenizer:
             self.backend.save_pretrained(folder)
         (folder / TEXT_META_FILE).write_text(json.dumps({"max_length": self.max_length}) + "\n")
 
+    @staticmethod
+    def present(folder: str | Path) -> bool:
+        """Whether ``folder`` holds tokenizer files (ours or a transformers tokenizer's)."""
+        folder = Path(folder)
+        return (folder / TOKENIZER_FILE).is_file() or (folder / "tokenizer_config.json").is_file()
+
     @classmethod
     def load(cls, folder: str | Path, max_length: int | None = None) -> "TextTokenizer":
         folder = Path(folder)

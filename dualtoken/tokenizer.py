@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state, resolve_model_dir, save_state
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state, quiet_transformers, resolve_model_dir,
+                         save_state)
 from .config import DualTokenConfig
 from .decoder import PixelDecoder
 from .errors import CheckpointError, CodesError, ConfigError, ImageInputError
@@ -114,10 +115,13 @@ class DualTokenizer(nn.Module):
         meta = json.loads((folder / CONFIG_FILE).read_text())
         model_type = meta.get("model_type", "")
         if model_type in ("siglip", "siglip2"):
-            pretrained = SiglipModel.from_pretrained(folder, local_files_only=True)
+            with quiet_transformers():
+                pretrained = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
             vision_model, text_model = pretrained.vision_model, pretrained.text_model
         elif model_type in ("siglip_vision_model", "siglip2_vision_model"):
-            vision_model, text_model = SiglipVisionModel.from_pretrained(folder, local_files_only=True), None
+            with quiet_transformers():
+                vision_model = SiglipVisionModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            text_model = None
         else:
             raise CheckpointError(f"{folder} holds a {model_type or 'unknown'!r} model, not a SigLIP model")
         vision = _config_kwargs(vision_model.config)
@@ -136,8 +140,8 @@ class DualTokenizer(nn.Module):
         config = DualTokenConfig.load(folder / CONFIG_FILE)
         model = cls(config)
         load_state(model, folder / WEIGHTS_FILE)
-        if config.text is not None:
-            model.text_tokenizer = TextTokenizer.load(folder)
+        if config.text is not None and TextTokenizer.present(folder):
+            model.text_tokenizer = TextTokenizer.load(folder)  # a text tower saved untrained has none
         return model.to(device).eval()
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -322,7 +326,8 @@ class DualTokenizer(nn.Module):
     def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
         """L2-normalized text embeddings (B, width) in the same space as :meth:`image_embeds`."""
         if self.text_tower is None or self.text_tokenizer is None:
-            raise ConfigError("this tokenizer has no text tower; build it from a SigLIP checkpoint with a text model")
+            missing = "text tower" if self.text_tower is None else "text tokenizer"
+            raise ConfigError(f"this tokenizer has no {missing}; build it from a SigLIP checkpoint with a text model")
         ids = self.text_tokenizer(texts).to(self.device)
         with _eval_mode(self):
             return F.normalize(self.text_tower(input_ids=ids).pooler_output, dim=-1)
