@@ -1,3 +1,6 @@
 """Entry point of the demo (and of a Hugging Face Space): ``python app.py --help``."""
 
-print("the app arrives in a later issue")
+from app.cli import main
+
+if __name__ == "__main__":
+    main()
