@@ -1,0 +1,76 @@
+"""Time to generate one image with the unified model on CPU: the LM's KV cache against recomputing the prefix.
+
+Both paths run in one process on the same model, prompt and seed, and must give the same image (they sample the
+same codes). Targets: <= 3 s per image with the cache, >= 5x faster than without. Uses ``assets/unified-tiny`` when
+it exists, else a random ``unified-tiny`` (timings do not depend on the weights).
+
+    python bench/generate.py
+    python bench/generate.py --threads 0 --cfg-scale 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = Path("assets/unified-tiny")
+
+
+def load_model(path: Path, preset: str):
+    from dualtoken.unified import UnifiedModel
+
+    if path.is_dir():
+        return UnifiedModel.from_pretrained(path), str(path)
+    return UnifiedModel.from_preset(preset).eval(), f"random {preset} ({path} not found)"
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="saved unified model folder")
+    parser.add_argument("--preset", default="unified-tiny", help="random preset used when --model does not exist")
+    parser.add_argument("--prompt", default="a red striped sneaker")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="1 = unguided (no unconditional rows)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cached path; the median is shown")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; sampling is thousands of small sequential ops, where intra-op threads "
+                             "cost more synchronization than they save (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model, source = load_model(args.model, args.preset)
+    c = model.config
+    print(f"model: {source}; grid {c.grid[0]}x{c.grid[1]}, pixel depth {c.pixel_depth}, semantic depth "
+          f"{c.semantic_depth}, LM {model.lm.config.model_type} width {model.lm.config.hidden_size} x "
+          f"{model.lm.config.num_hidden_layers} layers; cfg {args.cfg_scale}; {torch.get_num_threads()} threads")
+
+    def generate(use_cache: bool):
+        return model.generate_images(args.prompt, cfg_scale=args.cfg_scale, seed=args.seed, use_cache=use_cache)
+
+    generate(True)  # warm-up: first calls allocate and pick kernels
+    cached, image = timed(lambda: generate(True), args.repeats)
+    uncached, reference = timed(lambda: generate(False), 1)
+    same = np.array_equal(np.asarray(image[0]), np.asarray(reference[0]))
+    print(f"with KV cache:    {cached:7.2f} s / image   (target <= 3 s)")
+    print(f"without KV cache: {uncached:7.2f} s / image")
+    print(f"speed-up:         {uncached / cached:7.1f} x      (target >= 5 x); same image: {same}")
+
+
+if __name__ == "__main__":
+    main()
