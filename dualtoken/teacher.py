@@ -7,6 +7,7 @@ SigLIP checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,16 +37,25 @@ class Teacher(nn.Module):
     @classmethod
     def from_preset(cls, name: str, text_tokenizer: TextTokenizer | None = None) -> "Teacher":
         """A randomly initialised teacher with the tower shapes of a tokenizer preset."""
+        preset = load_preset(name)
+        return cls.from_towers(preset["vision"], preset["text"], text_tokenizer)
+
+    @classmethod
+    def from_towers(cls, vision: dict, text: dict, text_tokenizer: TextTokenizer | None = None) -> "Teacher":
+        """A randomly initialised teacher from SigLIP tower kwargs; the text side is sized to the tokenizer."""
         from transformers import SiglipConfig, SiglipModel
 
-        preset = load_preset(name)
-        text = dict(preset["text"])
+        text = dict(text)
         if text_tokenizer is not None:
-            text["vocab_size"] = text_tokenizer.vocab_size
-            text["max_position_embeddings"] = text_tokenizer.max_length
-            text["pad_token_id"] = text_tokenizer.pad_id
-        config = SiglipConfig(text_config=text, vision_config=preset["vision"])
-        return cls(SiglipModel(config), text_tokenizer)
+            text.update(vocab_size=text_tokenizer.vocab_size, max_position_embeddings=text_tokenizer.max_length,
+                        pad_token_id=text_tokenizer.pad_id)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=dict(vision)))
+        with torch.no_grad():
+            # SigLIP's initialisation (Zhai et al. 2023, Sec. 3.2): temperature log(10), bias -10, so the many
+            # negatives start out easy. From transformers' zeros the loss collapses every embedding together.
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
+        return cls(model, text_tokenizer)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "Teacher":
@@ -104,14 +114,17 @@ class Teacher(nn.Module):
             raise CheckpointError("this teacher has no text tokenizer")
         return self.text_embeds_from_ids(self.text_tokenizer(texts).to(self.device))
 
-    def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     positives: torch.Tensor | None = None) -> torch.Tensor:
         """SigLIP's pairwise sigmoid loss: each image-caption pair is a binary classification (Zhai et al. 2023).
 
-        A closed vocabulary repeats captions within a batch, so every pair with an identical caption is a positive.
+        ``positives[i, j]`` says whether caption j is true of image i (a partial caption such as "a red object" is
+        true of every red image); by default, pairs with identical captions are the positives.
         """
-        img = self.image_embeds(pixel_values)
-        txt = self.text_embeds_from_ids(input_ids)
-        logits = img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias
-        same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)  # (B, B)
-        labels = same.float() * 2 - 1
+        img = self.image_embeds(pixel_values)  # (B, D), unit norm
+        txt = self.text_embeds_from_ids(input_ids)  # (B, D), unit norm
+        logits = img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, B)
+        if positives is None:
+            positives = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
+        labels = positives.to(logits.dtype) * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / len(img)

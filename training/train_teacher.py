@@ -1,0 +1,194 @@
+"""Train the toy-scale semantic teacher: a SigLIP image-text model from scratch on the toy world.
+
+At full scale the teacher is pretrained SigLIP; no such weights exist offline (REFERENCE.md), so the tiny preset's
+tower shapes are trained here with SigLIP's pairwise sigmoid loss on toy-world train images and captions drawn
+from ``caption_variants`` (paraphrases and partial captions such as "a red object"). The text tokenizer is a
+word-level vocabulary over every caption variant of the world.
+
+    python -m training.train_teacher --out runs/teacher-tiny --steps 3000 --export assets/teacher-tiny
+    accelerate launch -m training.train_teacher --out runs/teacher-tiny ...      # many GPUs, same flags
+    python -m training.train_teacher --out runs/teacher-tiny --resume ...         # continue a stopped run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from dualtoken.data import CATEGORIES, COLORS, TEXTURES, caption_variants
+from dualtoken.eval import semantic_metrics
+from dualtoken.teacher import Teacher
+from dualtoken.text import TextTokenizer
+
+from training.common import (LoopSettings, TrainingRun, adamw, batches, images_to_tensor, load_preset_arg,
+                             logger, make_accelerator, model_card, seed_everything, toy_eval_set, toy_world,
+                             warmup_cosine)
+
+# Settings that may change when a run is resumed; everything else must match the checkpoint.
+MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
+           "threads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tokenizer preset whose vision/text shapes the teacher takes, or "
+                   "a JSON file with 'vision' and 'text'")
+    p.add_argument("--data", default="toy", choices=["toy", "toy-shapes"],
+                   help="toy world with every category, or only the drawn shapes (no Fashion-MNIST needed)")
+    p.add_argument("--train-size", type=int, default=100_000, help="distinct toy-world train images")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=3e-4, help="1e-3 collapsed the text embeddings in a 300-step run")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss_curves.png")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--export", default=None, help="write the final teacher here (fp16) with a model card")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers rendering the toy world")
+    p.add_argument("--eval-size", type=int, default=1000, help="val-split images for the held-out zero-shot (0: none)")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    return p
+
+
+def caption_corpus() -> list[str]:
+    """Every caption variant of every (category, color, texture): the closed vocabulary of the toy world."""
+    return [v for k in CATEGORIES for c in COLORS for t in TEXTURES
+            for v in caption_variants(SimpleNamespace(category=k, color=c, texture=t))]
+
+
+def build_teacher(preset: dict, text_tokenizer: TextTokenizer) -> Teacher:
+    """A random teacher with the preset's tower shapes (``preset`` may come from a JSON file, not only a name)."""
+    return Teacher.from_towers(preset["vision"], preset["text"], text_tokenizer)
+
+
+class SigmoidObjective(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) as a module, so DDP sees it as the forward.
+
+    ``positives[i, j]`` says whether caption j is true of image i: a partial caption ("a red object") is true of
+    every red image in the batch, not only of the image it was drawn for.
+    """
+
+    def __init__(self, teacher: Teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        return self.teacher.sigmoid_loss(pixel_values, input_ids, positives)
+
+
+def collate_with_captions(samples: list) -> tuple[list, list[list[str]]]:
+    return [s.image for s in samples], [caption_variants(s) for s in samples]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    accelerator = make_accelerator(args.mixed_precision, threads=args.threads)
+    seed_everything(args.seed)
+    preset = load_preset_arg(args.preset)
+    image_size = int(preset["vision"]["image_size"])
+    config = {**vars(args), "preset": preset}
+    config.pop("resume")
+    settings = LoopSettings(args.steps, args.batch_size, args.save_every, args.log_every, args.keep)
+    run = TrainingRun(accelerator, args.out, config, settings, mutable=MUTABLE)
+    payload = run.peek(args.resume)
+
+    # The vocabulary is rebuilt identically each time, but a resumed run reads it from its checkpoint anyway.
+    if payload is not None:
+        from tokenizers import Tokenizer
+
+        text_tokenizer = TextTokenizer(Tokenizer.from_str(payload["extra"]["text_tokenizer"]),
+                                       payload["extra"]["text_max_length"])
+    else:
+        text_tokenizer = TextTokenizer.train_word_level(caption_corpus(),
+                                                        int(preset["text"]["max_position_embeddings"]))
+    teacher = build_teacher(preset, text_tokenizer)
+    optimizer = adamw([teacher], args.lr, (0.9, 0.98), args.weight_decay)
+    scheduler = warmup_cosine(optimizer, args.warmup, args.steps)
+    run.track("teacher", teacher, optimizer, scheduler)
+    run.extra_state.update(text_tokenizer=text_tokenizer.backend.to_str(), text_max_length=text_tokenizer.max_length)
+    if payload is not None:
+        run.restore(payload)
+    objective = accelerator.prepare(SigmoidObjective(teacher))
+
+    world = toy_world("train", args.train_size, image_size, args.data)
+    data = batches(world, batch_size=args.batch_size, seed=args.seed, samples_seen=run.samples_seen,
+                   collate=collate_with_captions, workers=args.workers, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes)
+    device, rank = accelerator.device, accelerator.process_index
+
+    def train_step(batch, step: int) -> dict[str, torch.Tensor]:
+        images, variants = batch
+        x = images_to_tensor(images, image_size, device)
+        rng = np.random.default_rng([args.seed, step, rank])  # caption choice: a function of (seed, step, rank)
+        captions = [v[rng.integers(len(v))] for v in variants]
+        positives = torch.tensor([[c in v for c in captions] for v in variants], device=device)  # (B, B)
+        ids = text_tokenizer(captions).to(device)
+        with accelerator.autocast():
+            loss = objective(x, ids, positives)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if args.grad_clip > 0:
+            accelerator.clip_grad_norm_(teacher.parameters(), args.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return {"loss": loss}
+
+    teacher.train()
+    run.loop(data, train_step)
+
+    if accelerator.is_main_process:
+        teacher.eval()
+        shipped = teacher
+        if args.export:
+            teacher.save_pretrained(args.export, dtype=torch.float16)
+            shipped = Teacher.from_pretrained(args.export, device=device)  # measure what ships
+        metrics = {}
+        if args.eval_size > 0:
+            val = toy_eval_set(args.eval_size, image_size, args.data)
+            metrics = semantic_metrics(shipped.image_embeds, shipped.encode_text,
+                                       lambda ims: images_to_tensor(ims, image_size, device), val)
+            logger.info("held-out (val, %d images): %s", args.eval_size,
+                        ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            metrics = {f"{k} (toy val, {args.eval_size} images)": v for k, v in metrics.items()}
+        if args.export:
+            card = model_card(
+                title=f"Toy-world SigLIP teacher ({args.preset})",
+                summary="The frozen semantic teacher of the DualToken tiny models: a SigLIP image-text model "
+                        "trained from scratch with the pairwise sigmoid loss on the procedural toy world, standing "
+                        "in for pretrained SigLIP (which cannot be downloaded here).",
+                facts={"architecture": _architecture(preset, text_tokenizer),
+                       "data": f"ToyWorld train split ({args.data}, {args.train_size} images, "
+                               "held-out colour/texture/category combinations excluded), random caption variants",
+                       "training": f"{run.step} steps x {run.global_batch} images, AdamW lr {args.lr} "
+                                   f"(warmup {args.warmup}, cosine), weight decay {args.weight_decay}, "
+                                   f"seed {args.seed}, {accelerator.num_processes} process(es)",
+                       "reproduce": "bash training/recipes/tiny.sh (stage 1)"},
+                metrics=metrics,
+            )
+            (Path(args.export) / "README.md").write_text(card)
+            logger.info("exported the teacher to %s", args.export)
+    accelerator.wait_for_everyone()
+    return 0 if run.last_save_ok else 1
+
+
+def _architecture(preset: dict, tok: TextTokenizer) -> str:
+    v, t = preset["vision"], preset["text"]
+    return (f"SigLIP; vision {v['num_hidden_layers']} layers x {v['hidden_size']} wide, {v['image_size']} px, patch "
+            f"{v['patch_size']}; text {t['num_hidden_layers']} layers x {t['hidden_size']}, word-level vocabulary of "
+            f"{tok.vocab_size}, {tok.max_length} tokens")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
