@@ -53,18 +53,28 @@ class DualTokenizerOutput:
 
 
 class FeatureProjection(nn.Module):
-    """Tower width -> code dim through one pre-norm attention block and an MLP (REFERENCE: 1152 -> 32)."""
+    """Tower width -> code dim through one pre-norm attention block and an MLP (REFERENCE: 1152 -> 32).
+
+    The attention is written on ``scaled_dot_product_attention`` (a fused kernel on CPU and GPU) rather than
+    ``nn.MultiheadAttention``, whose CPU path materializes the attention matrix: encode overhead is a target.
+    """
 
     def __init__(self, width: int, out_dim: int, heads: int):
         super().__init__()
+        if width % heads:
+            raise ConfigError(f"projection_heads={heads} does not divide the tower width {width}")
+        self.heads = heads
         self.norm1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_out = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, width) -> (B, N, out_dim)
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, w / heads)
+        x = x + self.attn_out(a.transpose(1, 2).reshape(b, n, w))
         return self.mlp(self.norm2(x))
 
 

@@ -206,7 +206,7 @@ def test_bad_input_raises():
 
 def test_search_matches_fp64_brute_force(monkeypatch):
     # K not a multiple of the argmin group (padding) and blocks of 7 rows (several blocks, a partial last one).
-    monkeypatch.setattr(quantizer_module, "_SEARCH_BLOCK_BYTES", 4 * 384 * 7)
+    monkeypatch.setattr(quantizer_module, "_SEARCH_BLOCK_BYTES", {"cpu": 4 * 384 * 7})
     rvq = ResidualVQ(16, 300, 4).eval()
     x = torch.randn(500, 16) * 3
     assert torch.equal(rvq(x).codes, greedy_fp64(x, rvq.codebooks))
