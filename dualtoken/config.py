@@ -18,6 +18,30 @@ from .errors import ConfigError
 PRESET_PACKAGE = "dualtoken.presets"
 
 
+class JsonConfig:
+    """``config.json`` round trip shared by every config dataclass of the package."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return _build(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"no config file at {path}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
 @dataclass
 class QuantizerConfig:
     """Residual VQ of one branch (paper Sec. 3.2; REFERENCE: 16384 x 32 shared across 8 depths)."""
@@ -62,7 +86,7 @@ class DecoderConfig:
 
 
 @dataclass
-class DualTokenConfig:
+class DualTokenConfig(JsonConfig):
     """The whole tokenizer: a SigLIP vision tower, two branches, a decoder, an optional text tower.
 
     ``mode="dual"`` is DualToken (Table 3 row d); ``mode="single"`` is the VILA-U-style baseline: one residual VQ
@@ -134,27 +158,6 @@ class DualTokenConfig:
         for q in (self.pixel.quantizer, self.semantic.quantizer):
             if q.codebook_size < 2 or q.dim < 1 or q.depth < 1:
                 raise ConfigError(f"quantizer needs codebook_size >= 2, dim >= 1, depth >= 1, got {q}")
-
-    # -- (de)serialization ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DualTokenConfig":
-        return _build(cls, data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DualTokenConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"no config file at {path}") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "DualTokenConfig":

@@ -37,7 +37,7 @@ import dataclasses
 import itertools
 import json
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
@@ -48,7 +48,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state, resolve_model_dir, save_state
-from .config import _build, load_preset
+from .config import JsonConfig, load_preset
 from .errors import CheckpointError, CodesError, ConfigError
 from .tokenizer import DualTokenizer, EncodeOutput, _eval_mode
 
@@ -70,7 +70,7 @@ MAX_NEW_TOKENS = 1024  # bound of a text reply: generation loops always end
 
 
 @dataclass
-class UnifiedConfig:
+class UnifiedConfig(JsonConfig):
     """Everything that shapes a UnifiedModel besides the LM's own weights; saved as ``config.json``."""
 
     # transformers config kwargs with "model_type" (a model trained from scratch), or a LM folder / Hub id.
@@ -116,25 +116,6 @@ class UnifiedConfig:
             raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "UnifiedConfig":
-        return _build(cls, data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "UnifiedConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError as e:
-            raise ConfigError(f"no config file at {path}") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "UnifiedConfig":

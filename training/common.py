@@ -592,3 +592,18 @@ def model_card(title: str, summary: str, facts: dict[str, str], metrics: dict[st
         lines += ["", "## Held-out measurements", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"
+
+
+def add_run_arguments(p, exported: str, workers_help: str, eval_help: str) -> None:
+    """The run-machinery flags every trainer shares: seed, run folder, resume, export, cadence, threads."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss_curves.png")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--export", default=None, help=f"write the final {exported} here (fp16) with a model card")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--workers", type=int, default=1, help=workers_help)
+    p.add_argument("--eval-size", type=int, default=1000, help=eval_help)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")

@@ -26,7 +26,7 @@ from dualtoken.eval import semantic_metrics
 from dualtoken.teacher import Teacher
 from dualtoken.text import TextTokenizer
 
-from training.common import (LoopSettings, TrainingRun, adamw, batches, images_to_tensor, load_preset_arg,
+from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, images_to_tensor, load_preset_arg,
                              logger, make_accelerator, model_card, seed_everything, toy_eval_set, toy_world,
                              warmup_cosine)
 
@@ -48,17 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss_curves.png")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--export", default=None, help="write the final teacher here (fp16) with a model card")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers rendering the toy world")
-    p.add_argument("--eval-size", type=int, default=1000, help="val-split images for the held-out zero-shot (0: none)")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    add_run_arguments(p, "teacher", workers_help="DataLoader workers rendering the toy world",
+                      eval_help="val-split images for the held-out zero-shot (0: none)")
     return p
 
 

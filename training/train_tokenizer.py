@@ -30,7 +30,7 @@ from dualtoken.eval import evaluate_tokenizer
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
 
-from training.common import (LoopSettings, TrainingRun, adamw, batches, load_preset_arg, logger, make_accelerator,
+from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, load_preset_arg, logger, make_accelerator,
                              model_card, pil_images, seed_everything, toy_eval_set, toy_world, warmup_cosine)
 from training.losses import (LossWeights, LPIPSVGG, PatchDiscriminator, TeacherPerceptualLoss, adaptive_gan_weight,
                              hinge_d_loss, hinge_g_loss, semantic_loss)
@@ -92,17 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-weight", type=float, default=w.commit)
     p.add_argument("--semantic-weight", type=float, default=w.semantic_features, help="deep-feature term")
     p.add_argument("--pooled-weight", type=float, default=w.semantic_pooled, help="pooled-embedding term")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss_curves.png")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--export", default=None, help="write the final tokenizer here (fp16) with a model card")
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (rendering / decoding images)")
-    p.add_argument("--eval-size", type=int, default=1000, help="toy val images for the model card metrics (0: none)")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
+    add_run_arguments(p, "tokenizer", workers_help="DataLoader workers (rendering / decoding images)",
+                      eval_help="toy val images for the model card metrics (0: none)")
     p.add_argument("--dump-codebooks", default=None, help=argparse.SUPPRESS)  # debug: per-rank codebooks at the end
     return p
 
