@@ -113,7 +113,7 @@ def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preproce
     feats = torch.cat([image_embed_fn(preprocess(b)) for b in _batches(evalset.images, batch_size, "embed")])
     out = {}
     for attr, prompt in ZERO_SHOT_PROMPTS.items():
-        vocab = sorted(set(getattr(toy, {"category": "CATEGORIES", "color": "COLORS", "texture": "TEXTURES"}[attr])))
+        vocab = sorted(toy.ATTRIBUTES[attr])
         text = text_embed_fn([prompt(w) for w in vocab])
         labels = torch.tensor([vocab.index(w) for w in evalset.labels[attr]])
         out[f"zero_shot_{attr}"] = metrics.zero_shot_accuracy(feats, text, labels)
