@@ -6,6 +6,10 @@ Semantics: zero-shot top-1 for category, color and texture, image->text and text
 tokenizer (through its quantized semantic path) and for the teacher, and the share of the teacher's score kept.
 Codebooks: usage and perplexity of each branch. All on held-out data only: the toy-world test split, the
 Fashion-MNIST test split, and the natural photos no model is trained on (reconstruction only).
+
+``python -m dualtoken.eval unified --help``: the unified model. VQA accuracy per question type on held-out toy-world
+images and colorized Fashion-MNIST test items; text-to-image attribute accuracy judged by the teacher's zero-shot
+classifier (GenEval-style), over prompts that include the attribute combinations held out of training.
 """
 
 from __future__ import annotations
@@ -169,6 +173,159 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# -- the unified model --------------------------------------------------------------------------------------------
+VQA_TYPES = ("category", "color", "texture")
+
+
+def toy_vqa_set(split: str, n: int, image_size: int, data: str = "toy", seed: int = 0) -> list:
+    """``n`` toy-world samples of a held-out split ("val" for model cards, "test" for reports) with their labels."""
+    categories = toy.SHAPE_CATEGORIES if data == "toy-shapes" else toy.CATEGORIES
+    world = toy.ToyWorld(split, size=n, image_size=image_size, seed=seed, categories=categories)
+    return [world[i] for i in range(n)]
+
+
+@torch.no_grad()
+def evaluate_vqa(model, samples: Sequence, types: Sequence[str] = VQA_TYPES) -> dict[str, float]:
+    """Share of greedy answers equal to the label, per question type; the question template rotates over the
+    samples so every phrasing is asked."""
+    correct = {t: 0 for t in types}
+    for i, sample in enumerate(tqdm(samples, desc="VQA", leave=False, disable=None)):
+        for t in types:
+            templates = toy.QUESTION_TEMPLATES[t]
+            reply = model.answer(sample.image, templates[i % len(templates)], max_new_tokens=4)
+            correct[t] += reply.strip().lower() == getattr(sample, t)
+    return {t: correct[t] / max(len(samples), 1) for t in types}
+
+
+def text_to_image_prompts(n: int, seed: int = 0, categories: Sequence[str] = toy.CATEGORIES) -> list[tuple]:
+    """``n`` (color, texture, category) triples: every combination held out of training first, then a seeded
+    sample of the rest, so compositional generalization is always measured."""
+    held = sorted(toy.holdout_combinations(categories=categories))
+    rest = [(c, t, k) for k in categories for c in toy.COLORS for t in toy.TEXTURES if (c, t, k) not in set(held)]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
+    return (held + [rest[i] for i in order])[:n]
+
+
+@torch.no_grad()
+def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: float = 3.0, temperature: float = 1.0,
+                           top_k: int | None = None, seed: int = 0, images_per_prompt: int = 1,
+                           samples_out: list | None = None) -> dict[str, float]:
+    """GenEval-style: generate for "a {color} {texture} {category}" and let ``judge`` (the teacher) classify each
+    image zero-shot per attribute. Returns category / color / texture / all-three accuracy, overall and on the
+    held-out combinations. ``samples_out`` (a list) receives (prompt, image) pairs for a contact sheet."""
+    held = toy.holdout_combinations()
+    vocab = {a: sorted(toy.ATTRIBUTES[a]) for a in ZERO_SHOT_PROMPTS}
+    text = {a: judge.encode_text([ZERO_SHOT_PROMPTS[a](w) for w in words]) for a, words in vocab.items()}
+    hits = {k: [] for k in ("category", "color", "texture", "all")}
+    held_all = []
+    tokenizer = model.image_tokenizer
+    for i, (color, texture, category) in enumerate(tqdm(triples, desc="text-to-image", leave=False, disable=None)):
+        prompt = toy.canonical_caption(color, texture, category)
+        images = model.generate_images(prompt, n=images_per_prompt, cfg_scale=cfg_scale, temperature=temperature,
+                                       top_k=top_k, seed=seed + i)
+        feats = judge.image_embeds(tokenizer.preprocess(images))
+        truth = {"category": category, "color": color, "texture": texture}
+        right = {a: [vocab[a][j] == truth[a] for j in (feats @ text[a].t()).argmax(1).tolist()] for a in truth}
+        for a in truth:
+            hits[a] += right[a]
+        every = [all(r) for r in zip(*right.values())]
+        hits["all"] += every
+        if (color, texture, category) in held:
+            held_all += every
+        if samples_out is not None:
+            samples_out += [(prompt, im) for im in images]
+    out = {f"t2i_{k}": sum(v) / max(len(v), 1) for k, v in hits.items()}
+    if held_all:
+        out["t2i_all_heldout_combinations"] = sum(held_all) / len(held_all)
+    return out
+
+
+def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, cfg_scale: float = 3.0,
+                     seed: int = 0, data: Sequence[str] = ("toy", "fmnist"),
+                     samples_out: list | None = None) -> dict[str, dict[str, float]]:
+    """VQA on the toy-world test split and on colorized Fashion-MNIST test items; text-to-image with the teacher
+    as judge (skipped without one or with t2i_prompts 0)."""
+    size = model.image_tokenizer.config.image_size
+    results = {}
+    if "toy" in data and n:
+        results["toy-test"] = {f"vqa_{k}": v for k, v in evaluate_vqa(model, toy_vqa_set("test", n, size,
+                                                                                         seed=seed)).items()}
+    if "fmnist" in data and n:
+        items = toy.colorized_fashion_mnist("test", n=n, image_size=size, seed=seed)
+        results["fmnist-test"] = {f"vqa_{k}": v for k, v in evaluate_vqa(model, items).items()}
+    if teacher is not None and t2i_prompts:
+        triples = text_to_image_prompts(t2i_prompts, seed)
+        results["text-to-image"] = evaluate_text_to_image(model, teacher, triples, cfg_scale, seed=seed,
+                                                          samples_out=samples_out)
+        results["text-to-image"]["n_prompts"] = len(triples)
+    return results
+
+
+def unified_markdown(results: dict[str, dict[str, dict]]) -> str:
+    """One row per model: VQA per set and type, then text-to-image."""
+    columns = sorted({f"{s}/{k}" for sets in results.values() for s, r in sets.items() for k in r})
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for model, sets in results.items():
+        cells = [_fmt(sets.get(c.split("/")[0], {}).get(c.split("/")[1])) for c in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_unified_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dualtoken.eval unified", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="unified model folder, as NAME=DIR or DIR (repeatable)")
+    p.add_argument("--teacher", default=None, help="teacher folder: the text-to-image judge (omit to skip)")
+    p.add_argument("--data", default="toy,fmnist", help="VQA sets: toy (toy-world test), fmnist (Fashion-MNIST test)")
+    p.add_argument("--n", type=int, default=300, help="images per VQA set (each asked 3 questions)")
+    p.add_argument("--t2i-prompts", type=int, default=64, help="text-to-image prompts (held-out combinations first)")
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="load the LM quantized")
+    p.add_argument("--contact-sheet", type=Path, default=None, help="save the generated images as one PNG grid")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    return p
+
+
+def unified_main(argv: list[str] | None = None) -> int:
+    args = build_unified_parser().parse_args(argv)
+    from .teacher import Teacher
+    from .unified import UnifiedModel
+
+    try:
+        if not args.model:
+            raise DualTokenError("name at least one --model NAME=DIR")
+        unknown = set(args.data.split(",")) - {"toy", "fmnist", ""}
+        if unknown:
+            raise DualTokenError(f"unknown --data {', '.join(sorted(unknown))}; choose from toy, fmnist")
+        teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
+        results = {}
+        for spec in args.model:
+            name, _, folder = spec.rpartition("=")
+            model = UnifiedModel.from_pretrained(folder, quantization=args.quantization)
+            sheet: list = []
+            results[name or Path(folder).name] = evaluate_unified(model, teacher, args.n, args.t2i_prompts,
+                                                                  args.cfg_scale, args.seed, args.data.split(","),
+                                                                  sheet)
+            if args.contact_sheet and sheet:
+                path = args.contact_sheet
+                if len(args.model) > 1:
+                    path = path.with_name(f"{path.stem}-{name or Path(folder).name}{path.suffix}")
+                toy.save_grid([im for _, im in sheet], path)
+    except DualTokenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = unified_markdown(results)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
 # -- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dualtoken.eval", description=__doc__,
@@ -190,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["unified"]:
+        return unified_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .teacher import Teacher
     from .tokenizer import DualTokenizer

@@ -90,6 +90,8 @@ class UnifiedConfig(JsonConfig):
     head_heads: int = 4  # attention heads of the depth transformers
     caption_dropout: float = 0.1  # text-to-image captions dropped to "" with this probability (for CFG)
     max_text_tokens: int = 32  # prompts, questions, captions and answers are cut to this many tokens
+    # Visual tokens the LM reads: "dual" (pixel + semantic, the paper) or "semantic" only (Table 4's other row).
+    understanding_input: str = "dual"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +116,8 @@ class UnifiedConfig(JsonConfig):
             raise ConfigError(f"these must be positive integers: {', '.join(bad)}")
         if self.head_width % self.head_heads:
             raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
+        if self.understanding_input not in ("dual", "semantic"):
+            raise ConfigError(f"understanding_input must be 'dual' or 'semantic', got {self.understanding_input!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
 
@@ -331,11 +335,13 @@ class VisualEmbedding(nn.Module):
     """Fig. 3c, input side: (pixel codes, semantic codes) of a position -> one LM input vector.
 
     The pixel and semantic depth-summed embeddings are concatenated along the embedding dimension (the unified visual
-    token) and a two-layer MLP projects them to the LM width.
+    token) and a two-layer MLP projects them to the LM width. With ``understanding_input="semantic"`` the pixel
+    half is zero (paper Table 4: semantic tokens alone).
     """
 
     def __init__(self, config: UnifiedConfig, width: int):
         super().__init__()
+        self.read_pixel = config.understanding_input == "dual"
         self.pixel = DepthEmbedding(config.pixel_depth, config.pixel_codebook_size, config.pixel_dim)
         self.semantic = DepthEmbedding(config.semantic_depth, config.semantic_codebook_size, config.semantic_dim)
         self.projector = nn.Sequential(nn.Linear(config.pixel_dim + config.semantic_dim, width), nn.GELU(),
@@ -343,7 +349,10 @@ class VisualEmbedding(nn.Module):
 
     def forward(self, pixel_codes: Tensor, semantic_codes: Tensor) -> Tensor:
         # (..., D_pix), (..., D_sem) -> (..., width)
-        return self.projector(torch.cat([self.pixel(pixel_codes), self.semantic(semantic_codes)], dim=-1))
+        semantic = self.semantic(semantic_codes)
+        pixel = self.pixel(pixel_codes) if self.read_pixel else semantic.new_zeros(*semantic.shape[:-1],
+                                                                                   self.pixel.table.embedding_dim)
+        return self.projector(torch.cat([pixel, semantic], dim=-1))
 
 
 class DepthHead(nn.Module):
@@ -382,18 +391,57 @@ class DepthHead(nn.Module):
         states = self._states(first, codes[:, :-1])  # (M, D, width)
         return torch.stack([classifier(states[:, d]) for d, classifier in enumerate(self.classifiers)], dim=1)
 
-    def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor]) -> Tensor:
+    def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> Tensor:
         """Autoregressive over depth: hidden (R, lm_width) -> codes (B, D).
 
         ``pick`` turns the logits of all R rows (B, or 2B with CFG: conditional rows first) into B codes; the
-        chosen codes feed the next depth of both the conditional and the unconditional rows.
+        chosen codes feed the next depth of both the conditional and the unconditional rows. With ``use_cache``
+        each depth runs only its own input through the layers, attending to the keys and values the earlier depths
+        left in a per-layer cache; without it every depth reruns the whole prefix (the reference the cache must
+        match).
         """
         first = self.input_projection(hidden.to(self.depth_embedding.dtype))  # (R, width)
-        codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)  # (R, d)
+        repeat = hidden.shape[0]
+        if not use_cache:
+            codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)  # (R, d)
+            for d in range(self.depth):
+                chosen = pick(self.classifiers[d](self._states(first, codes)[:, -1]))  # (B,)
+                codes = torch.cat([codes, chosen.repeat(repeat // chosen.shape[0])[:, None]], dim=1)
+            return codes[: chosen.shape[0]]
+        # Per-layer key/value buffers over depth, filled one depth at a time (R, heads, D, width/heads).
+        heads = self.layers[0].self_attn.num_heads
+        keys = first.new_empty(len(self.layers), repeat, heads, self.depth, first.shape[-1] // heads)
+        values = torch.empty_like(keys)
+        x, prefix, chosen_all = first, torch.zeros_like(first), []  # prefix: sum of code embeddings so far (eq. 5)
         for d in range(self.depth):
-            chosen = pick(self.classifiers[d](self._states(first, codes)[:, -1]))  # (B,)
-            codes = torch.cat([codes, chosen.repeat(hidden.shape[0] // chosen.shape[0])[:, None]], dim=1)
-        return codes[: chosen.shape[0]]
+            state = self._cached_step(x + self.depth_embedding[d], keys, values, d)
+            chosen = pick(self.classifiers[d](state))  # (B,)
+            chosen_all.append(chosen)
+            prefix = prefix + self.code_embedding(chosen.repeat(repeat // chosen.shape[0]))
+            x = prefix
+        return torch.stack(chosen_all, dim=1)
+
+    def _cached_step(self, x: Tensor, keys: Tensor, values: Tensor, d: int) -> Tensor:
+        """Depth ``d``'s input x (R, width) through the pre-norm layers; it attends to the keys and values of depths
+        <= d (so no mask is needed), its own written into ``keys``/``values`` (layers, R, heads, D, width/heads).
+        Returns the normed output (R, width). Same arithmetic as nn.TransformerEncoderLayer(norm_first=True) on the
+        causal sequence of depths 0..d, in functional calls: sampling runs this 3 * D times per image position,
+        where module-call overhead rivals the arithmetic."""
+        x = x[:, None]  # (R, 1, width)
+        width = x.shape[-1]
+        for i, layer in enumerate(self.layers):
+            attn, n1, n2 = layer.self_attn, layer.norm1, layer.norm2
+            h = F.layer_norm(x, (width,), n1.weight, n1.bias, n1.eps)
+            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(x.shape[0], 1, 3, keys.shape[2],
+                                                                               -1).permute(2, 0, 3, 1, 4)
+            keys[i, :, :, d : d + 1] = k
+            values[i, :, :, d : d + 1] = v
+            y = F.scaled_dot_product_attention(q, keys[i, :, :, : d + 1], values[i, :, :, : d + 1])
+            x = x + F.linear(y.transpose(1, 2).reshape(x.shape), attn.out_proj.weight, attn.out_proj.bias)
+            h = F.layer_norm(x, (width,), n2.weight, n2.bias, n2.eps)
+            x = x + F.linear(F.gelu(F.linear(h, layer.linear1.weight, layer.linear1.bias)), layer.linear2.weight,
+                             layer.linear2.bias)
+        return F.layer_norm(x[:, 0], (width,), self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------
@@ -766,9 +814,9 @@ class UnifiedModel(nn.Module):
         Classifier-free guidance: conditional and unconditional rows run as one batch and every depth of both heads
         samples from uncond + cfg_scale * (cond - uncond); cfg_scale 1 is exactly unguided sampling, so no
         unconditional rows are run. Per position the pixel head samples its D codes, then the semantic head; both
-        feed the next position's unified visual token through the LM's KV cache (``use_cache=False`` recomputes
-        the prefix at every position instead and gives the same codes). The same ``seed`` gives the same codes.
-        ``progress(done_positions, total_positions)`` is called after each position.
+        feed the next position's unified visual token through the LM's KV cache, and each head keeps its own KV
+        cache over depth (``use_cache=False`` recomputes the prefix of positions and of depths at every step
+        instead and gives the same codes). The same ``seed`` gives the same codes. ``progress(done_positions, total_positions)`` is called after each position.
         """
         _check_sampling(self.config, n, cfg_scale, temperature, top_k, top_p)
         return self._sample_codes(self.format.encode(prompt, "prompt"), n, cfg_scale != 1.0, cfg_scale, temperature,
@@ -794,8 +842,8 @@ class UnifiedModel(nn.Module):
                                mask.to(self.device), use_cache)
             total, pixel, semantic = self.config.num_positions, [], []
             for p in range(total):
-                pixel.append(self.pixel_head.sample(runner.hidden, pick))  # (n, D_pix)
-                semantic.append(self.semantic_head.sample(runner.hidden, pick))  # (n, D_sem)
+                pixel.append(self.pixel_head.sample(runner.hidden, pick, use_cache))  # (n, D_pix)
+                semantic.append(self.semantic_head.sample(runner.hidden, pick, use_cache))  # (n, D_sem)
                 if p + 1 < total:
                     token = self.visual_embedding(pixel[-1], semantic[-1])  # (n, W): the next position's input
                     runner.step(token.repeat(len(rows) // n, 1))

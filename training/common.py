@@ -263,17 +263,9 @@ class Checkpointer:
         """Write atomically; on ``OSError`` (full disk, lost mount) report it, keep the previous checkpoints and
         return False."""
         final = self.path(step)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            atomic_torch_save(payload, final)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             previous = [p.name for p in self.list() if p != final]
             logger.error("checkpoint at step %d NOT saved (%s); %s", step, e,
                          f"previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint")
@@ -290,6 +282,24 @@ class Checkpointer:
             except CheckpointError as e:  # truncated or corrupt file: fall back to the one before
                 logger.warning("skipping %s", e)
         return None
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, rename: ``path`` is either the old file or the
+    complete new one, never half written. Raises ``OSError`` (the temp file removed) when it cannot be written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:

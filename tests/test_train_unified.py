@@ -1,0 +1,134 @@
+"""The unified trainer and evaluation end to end on micro configs: entry point, export, resume, Table 4 switch."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualtoken import eval as evaluation
+from dualtoken.errors import ConfigError
+from dualtoken.unified import UnifiedModel
+from training import common, train_unified
+
+from .conftest import TINY_TEXT, TINY_VISION, micro_config
+from .test_training import assert_same, final_state
+
+MICRO_UNIFIED = {"lm": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "num_key_value_heads": 1, "intermediate_size": 64, "max_position_embeddings": 128,
+                        "tie_word_embeddings": True},
+                 "head_width": 16, "head_heads": 2, "head_layers": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from dualtoken.tokenizer import DualTokenizer
+
+    root = tmp_path_factory.mktemp("unified")
+    torch.manual_seed(0)
+    DualTokenizer(micro_config()).eval().save_pretrained(root / "tokenizer")
+    (root / "preset.json").write_text(json.dumps(MICRO_UNIFIED))
+    return {"root": root, "tokenizer": root / "tokenizer", "preset": root / "preset.json"}
+
+
+def argv(setup, out, *extra) -> list[str]:
+    return ["--tokenizer", str(setup["tokenizer"]), "--preset", str(setup["preset"]), "--data", "toy-shapes",
+            "--train-size", "24", "--encode-batch", "8", "--batch-size", "4", "--warmup", "1", "--log-every", "1",
+            "--save-every", "2", "--eval-size", "0", "--out", str(out), *extra]
+
+
+def test_trains_exports_and_loss_decreases(setup, tmp_path):
+    out, export = tmp_path / "run", tmp_path / "export"
+    assert train_unified.main(argv(setup, out, "--steps", "12", "--lr", "3e-3", "--tasks", "vqa:1",
+                                   "--export", str(export), "--eval-size", "4")) == 0
+    log = common.read_log(out / common.LOG_FILE)
+    assert [r["step"] for r in log] == list(range(1, 13))
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first  # the answer vocabulary is learnt first
+    model = UnifiedModel.from_pretrained(export)
+    assert model.config.understanding_input == "dual"
+    assert model.config.lm == "lm" and (export / "tokenizer" / "config.json").is_file()
+    card = (export / "README.md").read_text()
+    assert "12 steps x 4 examples" in card and "VQA category" in card
+    assert (out / "codes.pt").is_file()  # encoded once, reused on resume
+
+
+def test_all_tasks_and_resume_is_bitwise_identical(setup, tmp_path, monkeypatch):
+    assert train_unified.main(argv(setup, tmp_path / "straight", "--steps", "4")) == 0
+    original, calls = UnifiedModel.forward, []
+
+    def dies_in_step_3(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batch)
+
+    monkeypatch.setattr(UnifiedModel, "forward", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_unified.main(argv(setup, tmp_path / "killed", "--steps", "4"))
+    monkeypatch.setattr(UnifiedModel, "forward", original)
+    assert train_unified.main(argv(setup, tmp_path / "killed", "--steps", "4", "--resume")) == 0
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert_same(straight["modules"], resumed["modules"], "modules")
+    assert_same(straight["optimizers"], resumed["optimizers"], "optimizers")
+    log = common.read_log(tmp_path / "straight" / common.LOG_FILE)
+    assert all(k in log[-1] for k in ("pixel_nll", "semantic_nll", "text_nll"))
+
+
+def test_semantic_only_input_ignores_pixel_codes(setup, tmp_path):
+    assert train_unified.main(argv(setup, tmp_path / "sem", "--steps", "1", "--tasks", "vqa:1",
+                                   "--understanding-input", "semantic", "--export", str(tmp_path / "e"))) == 0
+    model = UnifiedModel.from_pretrained(tmp_path / "e")
+    assert model.config.understanding_input == "semantic"
+    semantic = torch.randint(0, 64, (1, 64, 3))
+    a = model.visual_embedding(torch.zeros(1, 64, 3, dtype=torch.long), semantic)
+    b = model.visual_embedding(torch.randint(0, 64, (1, 64, 3)), semantic)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec, message", [("vqa:1,painting:1", "unknown task 'painting'"),
+                                           ("vqa:x", "must be a number"), ("vqa:0", "positive sum")])
+def test_bad_task_mixtures(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        train_unified.parse_tasks(spec)
+
+
+def test_text_to_image_prompts_put_held_out_combinations_first():
+    from dualtoken.data import holdout_combinations
+
+    held = holdout_combinations()
+    prompts = evaluation.text_to_image_prompts(len(held) + 5)
+    assert set(prompts[: len(held)]) == held and len(set(prompts)) == len(prompts)
+    assert not set(prompts[len(held):]) & held
+
+
+def test_unified_eval_cli(setup, tmp_path, capsys):
+    from dualtoken.teacher import Teacher
+    from dualtoken.text import TextTokenizer
+    from dualtoken.tokenizer import DualTokenizer
+    from training.train_teacher import caption_corpus
+
+    image_tokenizer = DualTokenizer.from_pretrained(setup["tokenizer"])
+    UnifiedModel.from_preset("unified-tiny", image_tokenizer=image_tokenizer, **MICRO_UNIFIED).save_pretrained(
+        tmp_path / "m")
+    words = TextTokenizer.train_word_level(caption_corpus(), TINY_TEXT["max_position_embeddings"])
+    Teacher.from_towers(TINY_VISION, TINY_TEXT, words).save_pretrained(tmp_path / "teacher")
+    code = evaluation.main(["unified", "--model", f"tiny={tmp_path / 'm'}", "--teacher", str(tmp_path / "teacher"),
+                            "--data", "toy", "--n", "3", "--t2i-prompts", "2", "--json", str(tmp_path / "r.json"),
+                            "--contact-sheet", str(tmp_path / "sheet.png")])
+    assert code == 0
+    results = json.loads((tmp_path / "r.json").read_text())["tiny"]
+    assert set(results) == {"toy-test", "text-to-image"}
+    assert all(0.0 <= v <= 1.0 for v in results["toy-test"].values())
+    assert results["text-to-image"]["n_prompts"] == 2 and "t2i_all_heldout_combinations" in results["text-to-image"]
+    assert (tmp_path / "sheet.png").is_file()
+    assert "| tiny |" in capsys.readouterr().out
+    assert evaluation.main(["unified", "--model", str(tmp_path / "m"), "--data", "toy,mnist"]) == 2
