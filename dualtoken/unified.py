@@ -391,57 +391,107 @@ class DepthHead(nn.Module):
         states = self._states(first, codes[:, :-1])  # (M, D, width)
         return torch.stack([classifier(states[:, d]) for d, classifier in enumerate(self.classifiers)], dim=1)
 
-    def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> Tensor:
-        """Autoregressive over depth: hidden (R, lm_width) -> codes (B, D).
+    def logits_at(self, first: Tensor, codes: Tensor) -> Tensor:
+        """Logits of the next depth d = codes.shape[1] by rerunning depths 0..d: first (R, width), codes (R, d)."""
+        return self.classifiers[codes.shape[1]](self._states(first, codes)[:, -1])
 
-        ``pick`` turns the logits of all R rows (B, or 2B with CFG: conditional rows first) into B codes; the
-        chosen codes feed the next depth of both the conditional and the unconditional rows. With ``use_cache``
-        each depth runs only its own input through the layers, attending to the keys and values the earlier depths
-        left in a per-layer cache; without it every depth reruns the whole prefix (the reference the cache must
-        match).
-        """
-        first = self.input_projection(hidden.to(self.depth_embedding.dtype))  # (R, width)
-        repeat = hidden.shape[0]
-        if not use_cache:
-            codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)  # (R, d)
-            for d in range(self.depth):
-                chosen = pick(self.classifiers[d](self._states(first, codes)[:, -1]))  # (B,)
-                codes = torch.cat([codes, chosen.repeat(repeat // chosen.shape[0])[:, None]], dim=1)
-            return codes[: chosen.shape[0]]
-        # Per-layer key/value buffers over depth, filled one depth at a time (R, heads, D, width/heads).
-        heads = self.layers[0].self_attn.num_heads
-        keys = first.new_empty(len(self.layers), repeat, heads, self.depth, first.shape[-1] // heads)
-        values = torch.empty_like(keys)
-        x, prefix, chosen_all = first, torch.zeros_like(first), []  # prefix: sum of code embeddings so far (eq. 5)
-        for d in range(self.depth):
-            state = self._cached_step(x + self.depth_embedding[d], keys, values, d)
-            chosen = pick(self.classifiers[d](state))  # (B,)
-            chosen_all.append(chosen)
-            prefix = prefix + self.code_embedding(chosen.repeat(repeat // chosen.shape[0]))
-            x = prefix
-        return torch.stack(chosen_all, dim=1)
 
-    def _cached_step(self, x: Tensor, keys: Tensor, values: Tensor, d: int) -> Tensor:
-        """Depth ``d``'s input x (R, width) through the pre-norm layers; it attends to the keys and values of depths
-        <= d (so no mask is needed), its own written into ``keys``/``values`` (layers, R, heads, D, width/heads).
-        Returns the normed output (R, width). Same arithmetic as nn.TransformerEncoderLayer(norm_first=True) on the
-        causal sequence of depths 0..d, in functional calls: sampling runs this 3 * D times per image position,
-        where module-call overhead rivals the arithmetic."""
-        x = x[:, None]  # (R, 1, width)
-        width = x.shape[-1]
-        for i, layer in enumerate(self.layers):
-            attn, n1, n2 = layer.self_attn, layer.norm1, layer.norm2
-            h = F.layer_norm(x, (width,), n1.weight, n1.bias, n1.eps)
-            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(x.shape[0], 1, 3, keys.shape[2],
-                                                                               -1).permute(2, 0, 3, 1, 4)
-            keys[i, :, :, d : d + 1] = k
-            values[i, :, :, d : d + 1] = v
-            y = F.scaled_dot_product_attention(q, keys[i, :, :, : d + 1], values[i, :, :, : d + 1])
-            x = x + F.linear(y.transpose(1, 2).reshape(x.shape), attn.out_proj.weight, attn.out_proj.bias)
-            h = F.layer_norm(x, (width,), n2.weight, n2.bias, n2.eps)
-            x = x + F.linear(F.gelu(F.linear(h, layer.linear1.weight, layer.linear1.bias)), layer.linear2.weight,
-                             layer.linear2.bias)
-        return F.layer_norm(x[:, 0], (width,), self.norm.weight, self.norm.bias, self.norm.eps)
+class HeadSampler:
+    """Samples the codes of one image position from both visual heads together (eq. 5, autoregressive over depth).
+
+    The heads are independent given h_p, so at each depth every head that still has codes to draw steps at once:
+    their layer weights are stacked once per generation and each layer is one batched matmul for all heads. Sampling
+    calls the depth transformers 3 * D times per position, where per-call overhead outweighs the arithmetic, so this
+    roughly halves the head time against running the heads one after the other. With ``use_cache`` each depth runs
+    only its own input through the layers, attending to keys and values the earlier depths left in a per-layer
+    cache; without it every depth reruns the whole prefix (the reference the cache must match). Either way the
+    draws happen in the same order (depth by depth, heads in the given order), so both give the same codes.
+    """
+
+    def __init__(self, heads: Sequence[DepthHead]):
+        self.heads = list(heads)
+        widths = {(h.layers[0].self_attn.embed_dim, h.layers[0].self_attn.num_heads, len(h.layers)) for h in heads}
+        if len(widths) != 1:
+            raise ConfigError("jointly sampled heads must share width, attention heads and layer count")
+        # Deepest first, so the heads still active at depth d are always a prefix of the stack.
+        self.order = sorted(range(len(heads)), key=lambda i: -heads[i].depth)
+        ordered = [heads[i] for i in self.order]
+        stack = lambda get: torch.stack([get(h) for h in ordered])  # noqa: E731
+        self.layers = []
+        for i in range(len(ordered[0].layers)):
+            lay = lambda h: h.layers[i]  # noqa: E731
+            self.layers.append({
+                "norm1": (stack(lambda h: lay(h).norm1.weight)[:, None], stack(lambda h: lay(h).norm1.bias)[:, None]),
+                "qkv": (stack(lambda h: lay(h).self_attn.in_proj_weight.t()),
+                        stack(lambda h: lay(h).self_attn.in_proj_bias)[:, None]),
+                "out": (stack(lambda h: lay(h).self_attn.out_proj.weight.t()),
+                        stack(lambda h: lay(h).self_attn.out_proj.bias)[:, None]),
+                "norm2": (stack(lambda h: lay(h).norm2.weight)[:, None], stack(lambda h: lay(h).norm2.bias)[:, None]),
+                "fc1": (stack(lambda h: lay(h).linear1.weight.t()), stack(lambda h: lay(h).linear1.bias)[:, None]),
+                "fc2": (stack(lambda h: lay(h).linear2.weight.t()), stack(lambda h: lay(h).linear2.bias)[:, None]),
+                "eps": (lay(ordered[0]).norm1.eps, lay(ordered[0]).norm2.eps),
+            })
+        self.final_norm = (stack(lambda h: h.norm.weight)[:, None], stack(lambda h: h.norm.bias)[:, None],
+                           ordered[0].norm.eps)
+        self.num_heads = ordered[0].layers[0].self_attn.num_heads
+
+    def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> list[Tensor]:
+        """hidden (R, lm_width) -> one (B, D_head) code tensor per head, in the order the heads were given."""
+        ordered = [self.heads[i] for i in self.order]
+        firsts = [h.input_projection(hidden.to(h.depth_embedding.dtype)) for h in ordered]  # (R, width) each
+        repeat, depth = hidden.shape[0], ordered[0].depth
+        chosen: list[list[Tensor]] = [[] for _ in ordered]
+        if use_cache:
+            width = firsts[0].shape[-1]
+            shape = (len(self.layers), len(ordered), repeat, self.num_heads, depth, width // self.num_heads)
+            keys, values = firsts[0].new_empty(shape), firsts[0].new_empty(shape)
+            inputs = list(firsts)
+            prefixes = [torch.zeros_like(f) for f in firsts]  # sums of code embeddings so far (eq. 5)
+        codes = [torch.zeros(repeat, 0, dtype=torch.long, device=hidden.device) for _ in ordered]
+        for d in range(depth):
+            active = sum(h.depth > d for h in ordered)
+            if use_cache:
+                x = torch.stack([inputs[j] + ordered[j].depth_embedding[d] for j in range(active)])  # (A, R, width)
+                states = self._step(x, keys, values, d)
+            for j in range(active):
+                head = ordered[j]
+                if use_cache:
+                    logits = head.classifiers[d](states[j])
+                else:
+                    logits = head.logits_at(firsts[j], codes[j])
+                c = pick(logits)  # (B,)
+                chosen[j].append(c)
+                full = c.repeat(repeat // c.shape[0])
+                if use_cache:
+                    prefixes[j] = prefixes[j] + head.code_embedding(full)
+                    inputs[j] = prefixes[j]
+                else:
+                    codes[j] = torch.cat([codes[j], full[:, None]], dim=1)
+        out = [torch.stack(c, dim=1) for c in chosen]
+        return [out[self.order.index(i)] for i in range(len(self.heads))]
+
+    def _step(self, x: Tensor, keys: Tensor, values: Tensor, d: int) -> Tensor:
+        """Depth d's inputs x (A, R, width) of the A active heads through their pre-norm layers, attending to the
+        cached depths <= d (its own keys and values written into the cache first, so no mask is needed). Same
+        arithmetic as nn.TransformerEncoderLayer(norm_first=True) on the causal sequence of depths 0..d."""
+        a, r, width = x.shape
+        h = self.num_heads
+
+        def norm(t, wb, eps):
+            return F.layer_norm(t, (width,), eps=eps) * wb[0][:a] + wb[1][:a]
+
+        def linear(t, wb):
+            return torch.baddbmm(wb[1][:a], t, wb[0][:a])
+
+        for i, lay in enumerate(self.layers):
+            qkv = linear(norm(x, lay["norm1"], lay["eps"][0]), lay["qkv"])  # (A, R, 3W)
+            q, k, v = qkv.view(a, r, 3, h, -1).permute(2, 0, 1, 3, 4).unsqueeze(-2)  # (A, R, h, 1, W/h) each
+            keys[i, :a, :, :, d : d + 1] = k
+            values[i, :a, :, :, d : d + 1] = v
+            y = F.scaled_dot_product_attention(q, keys[i, :a, :, :, : d + 1], values[i, :a, :, :, : d + 1])
+            x = x + linear(y.reshape(a, r, width), lay["out"])
+            x = x + linear(F.gelu(linear(norm(x, lay["norm2"], lay["eps"][1]), lay["fc1"])), lay["fc2"])
+        return norm(x, self.final_norm[:2], self.final_norm[2])
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------
@@ -813,10 +863,11 @@ class UnifiedModel(nn.Module):
         An empty prompt is the unconditional caption (what caption dropout trains), so it samples unconditionally.
         Classifier-free guidance: conditional and unconditional rows run as one batch and every depth of both heads
         samples from uncond + cfg_scale * (cond - uncond); cfg_scale 1 is exactly unguided sampling, so no
-        unconditional rows are run. Per position the pixel head samples its D codes, then the semantic head; both
+        unconditional rows are run. Per position both heads sample depth by depth (``HeadSampler``); their codes
         feed the next position's unified visual token through the LM's KV cache, and each head keeps its own KV
         cache over depth (``use_cache=False`` recomputes the prefix of positions and of depths at every step
-        instead and gives the same codes). The same ``seed`` gives the same codes. ``progress(done_positions, total_positions)`` is called after each position.
+        instead and gives the same codes). The same ``seed`` gives the same codes.
+        ``progress(done_positions, total_positions)`` is called after each position.
         """
         _check_sampling(self.config, n, cfg_scale, temperature, top_k, top_p)
         return self._sample_codes(self.format.encode(prompt, "prompt"), n, cfg_scale != 1.0, cfg_scale, temperature,
@@ -840,10 +891,12 @@ class UnifiedModel(nn.Module):
         with _eval_mode(self):
             runner = _LMRunner(self.lm.base_model, self._embed(input_ids, image_mask, None, None),
                                mask.to(self.device), use_cache)
+            heads = HeadSampler([self.pixel_head, self.semantic_head])
             total, pixel, semantic = self.config.num_positions, [], []
             for p in range(total):
-                pixel.append(self.pixel_head.sample(runner.hidden, pick, use_cache))  # (n, D_pix)
-                semantic.append(self.semantic_head.sample(runner.hidden, pick, use_cache))  # (n, D_sem)
+                pixel_codes, semantic_codes = heads.sample(runner.hidden, pick, use_cache)  # (n, D_pix), (n, D_sem)
+                pixel.append(pixel_codes)
+                semantic.append(semantic_codes)
                 if p + 1 < total:
                     token = self.visual_embedding(pixel[-1], semantic[-1])  # (n, W): the next position's input
                     runner.step(token.repeat(len(rows) // n, 1))

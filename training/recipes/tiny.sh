@@ -3,7 +3,9 @@
 #   1. the toy-world SigLIP teacher          -> assets/teacher-tiny
 #   2. DualToken, Table 3 row (d)            -> assets/dualtoken-tiny
 #   3. the VILA-U-style baseline, row (a)    -> assets/vilau-tiny
-#   4. ablation rows (b) and (c) for RESULTS.md -> runs/row-b-tiny/export, runs/row-c-tiny/export (not shipped)
+#   4. the unified model                       -> assets/unified-tiny
+#   5. ablation rows (b) and (c) for RESULTS.md -> runs/row-b-tiny/export, runs/row-c-tiny/export (not shipped)
+#   6. Table 4: VQA-only models reading semantic vs pixel + semantic tokens -> runs/table4-*/export (not shipped)
 #
 # Every stage checkpoints into runs/ and is resumable: re-running this script continues an interrupted stage
 # (bitwise as if it had not stopped) and re-exports finished ones. Step budgets are the variables below; the
