@@ -132,3 +132,21 @@ def test_unified_eval_cli(setup, tmp_path, capsys):
     assert (tmp_path / "sheet.png").is_file()
     assert "| tiny |" in capsys.readouterr().out
     assert evaluation.main(["unified", "--model", str(tmp_path / "m"), "--data", "toy,mnist"]) == 2
+
+
+def test_code_cache_is_shared_and_rebuilt_for_another_tokenizer(setup, tmp_path):
+    from dualtoken.tokenizer import DualTokenizer
+
+    codes = tmp_path / "codes.pt"
+    assert train_unified.main(argv(setup, tmp_path / "one", "--steps", "1", "--codes", str(codes))) == 0
+    first = torch.load(codes, weights_only=True)
+    stamp = codes.stat().st_mtime_ns
+    assert train_unified.main(argv(setup, tmp_path / "two", "--steps", "1", "--codes", str(codes))) == 0
+    assert codes.stat().st_mtime_ns == stamp  # read, not re-encoded
+    torch.manual_seed(1)
+    DualTokenizer(micro_config()).eval().save_pretrained(tmp_path / "other")
+    other = argv(setup, tmp_path / "three", "--steps", "1", "--codes", str(codes))
+    other[other.index("--tokenizer") + 1] = str(tmp_path / "other")
+    assert train_unified.main(other) == 0
+    second = torch.load(codes, weights_only=True)
+    assert second["fingerprint"] != first["fingerprint"] and not torch.equal(second["pixel"], first["pixel"])

@@ -35,7 +35,7 @@ from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw
                              load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_world, warmup_cosine)
 
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
-           "threads", "encode_batch")
+           "threads", "encode_batch", "codes")
 ANSWERED = ("category", "color", "texture", "position")  # VQA question types trained (position: extra, Sec. data)
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--encode-batch", type=int, default=64, help="images per tokenizer call when caching codes")
+    p.add_argument("--codes", default=None, help="file of cached train codes (default: codes.pt in --out); runs "
+                   "with the same tokenizer and train size may share one, it is rebuilt when either differs")
     add_run_arguments(p, "unified model", workers_help="unused (codes are cached in memory)",
                       eval_help="toy val images for the model-card VQA accuracy (0: none)")
     return p
@@ -84,7 +86,8 @@ def parse_tasks(spec: str) -> dict[str, float]:
 class CodeCache(Dataset):
     """Toy-world train images as the frozen tokenizer's codes plus their attributes, encoded once.
 
-    Stored as ``codes.pt`` in the run folder (int16 codes) so a resumed run neither re-encodes nor changes data.
+    Stored as int16 codes with the tokenizer's fingerprint, so a resumed run neither re-encodes nor changes data,
+    and a cache made by another tokenizer or train size is rebuilt rather than trusted.
     """
 
     def __init__(self, pixel: torch.Tensor, semantic: torch.Tensor, attributes: list[dict[str, str]]):
@@ -97,12 +100,13 @@ class CodeCache(Dataset):
         return self.pixel[i].long(), self.semantic[i].long(), self.attributes[i]
 
     @classmethod
-    def build(cls, tokenizer: DualTokenizer, world, batch_size: int, path: Path) -> "CodeCache":
+    def build(cls, tokenizer: DualTokenizer, world, batch_size: int, path: Path, fingerprint: str) -> "CodeCache":
         if path.is_file():
-            saved = torch.load(path, weights_only=False)
-            if len(saved["attributes"]) == len(world):
+            saved = torch.load(path, weights_only=True)
+            if len(saved["attributes"]) == len(world) and saved.get("fingerprint") == fingerprint:
                 logger.info("codes of %d train images read from %s", len(world), path)
                 return cls(saved["pixel"], saved["semantic"], saved["attributes"])
+            logger.info("%s was made by another tokenizer or train size: encoding again", path)
         from tqdm.auto import tqdm
 
         pixel, semantic, attributes = [], [], []
@@ -115,8 +119,19 @@ class CodeCache(Dataset):
                 attributes += [{k: getattr(s, k) for k in ("category", "color", "texture", "position")}
                                for s in samples]
         cache = cls(torch.cat(pixel), torch.cat(semantic), attributes)
-        atomic_torch_save({"pixel": cache.pixel, "semantic": cache.semantic, "attributes": attributes}, path)
+        atomic_torch_save({"pixel": cache.pixel, "semantic": cache.semantic, "attributes": attributes,
+                           "fingerprint": fingerprint}, path)
         return cache
+
+
+def _fingerprint(folder: str) -> str:
+    """SHA-256 of the tokenizer's weights and config: what the cached codes depend on."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update((Path(folder) / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def make_example(task: str, pixel: torch.Tensor, semantic: torch.Tensor, attributes: dict[str, str],
@@ -167,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         run.restore(payload)
 
     world = toy_world("train", args.train_size, tokenizer.config.image_size, args.data)
+    codes_path = Path(args.codes) if args.codes else Path(args.out) / "codes.pt"
+    fingerprint = f"{_fingerprint(args.tokenizer)}:{args.data}:{args.train_size}"
     if accelerator.is_main_process:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        CodeCache.build(tokenizer, world, args.encode_batch, Path(args.out) / "codes.pt")
+        CodeCache.build(tokenizer, world, args.encode_batch, codes_path, fingerprint)
     accelerator.wait_for_everyone()
-    cache = CodeCache.build(tokenizer, world, args.encode_batch, Path(args.out) / "codes.pt")
+    cache = CodeCache.build(tokenizer, world, args.encode_batch, codes_path, fingerprint)
     data = batches(cache, batch_size=args.batch_size, seed=args.seed, samples_seen=run.samples_seen,
                    collate=list, workers=0, rank=rank, world_size=accelerator.num_processes)
     names, probs = list(tasks), np.array(list(tasks.values()))
