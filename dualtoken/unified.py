@@ -396,6 +396,13 @@ class DepthHead(nn.Module):
         return self.classifiers[codes.shape[1]](self._states(first, codes)[:, -1])
 
 
+class _InProjection:
+    """nn.MultiheadAttention's packed q/k/v projection seen as a Linear (``weight``, ``bias``) for folding."""
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        self.weight, self.bias = attn.in_proj_weight, attn.in_proj_bias
+
+
 class HeadSampler:
     """Samples the codes of one image position from both visual heads together (eq. 5, autoregressive over depth).
 
@@ -417,22 +424,26 @@ class HeadSampler:
         self.order = sorted(range(len(heads)), key=lambda i: -heads[i].depth)
         ordered = [heads[i] for i in self.order]
         stack = lambda get: torch.stack([get(h) for h in ordered])  # noqa: E731
+        # Each LayerNorm's affine is folded into the linear map that follows it: LN(x) @ W with LN(x) = n(x) * g + b
+        # equals n(x) @ (g[:, None] * W) + b @ W, which saves two ops per norm in a loop that is all overhead.
+        fold = lambda norm, lin: (norm.weight[:, None] * lin.weight.t(),  # noqa: E731
+                                  norm.bias @ lin.weight.t() + lin.bias)
         self.layers = []
         for i in range(len(ordered[0].layers)):
-            lay = lambda h: h.layers[i]  # noqa: E731
+            lay = [h.layers[i] for h in ordered]
+            qkv = [fold(l.norm1, _InProjection(l.self_attn)) for l in lay]
+            fc1 = [fold(l.norm2, l.linear1) for l in lay]
             self.layers.append({
-                "norm1": (stack(lambda h: lay(h).norm1.weight)[:, None], stack(lambda h: lay(h).norm1.bias)[:, None]),
-                "qkv": (stack(lambda h: lay(h).self_attn.in_proj_weight.t()),
-                        stack(lambda h: lay(h).self_attn.in_proj_bias)[:, None]),
-                "out": (stack(lambda h: lay(h).self_attn.out_proj.weight.t()),
-                        stack(lambda h: lay(h).self_attn.out_proj.bias)[:, None]),
-                "norm2": (stack(lambda h: lay(h).norm2.weight)[:, None], stack(lambda h: lay(h).norm2.bias)[:, None]),
-                "fc1": (stack(lambda h: lay(h).linear1.weight.t()), stack(lambda h: lay(h).linear1.bias)[:, None]),
-                "fc2": (stack(lambda h: lay(h).linear2.weight.t()), stack(lambda h: lay(h).linear2.bias)[:, None]),
-                "eps": (lay(ordered[0]).norm1.eps, lay(ordered[0]).norm2.eps),
+                "qkv": (torch.stack([w for w, _ in qkv]), torch.stack([b for _, b in qkv])[:, None]),
+                "out": (torch.stack([l.self_attn.out_proj.weight.t() for l in lay]),
+                        torch.stack([l.self_attn.out_proj.bias for l in lay])[:, None]),
+                "fc1": (torch.stack([w for w, _ in fc1]), torch.stack([b for _, b in fc1])[:, None]),
+                "fc2": (torch.stack([l.linear2.weight.t() for l in lay]),
+                        torch.stack([l.linear2.bias for l in lay])[:, None]),
+                "eps": (lay[0].norm1.eps, lay[0].norm2.eps),
             })
-        self.final_norm = (stack(lambda h: h.norm.weight)[:, None], stack(lambda h: h.norm.bias)[:, None],
-                           ordered[0].norm.eps)
+        self.final_eps = ordered[0].norm.eps
+        self.classifiers = [[fold(h.norm, c) for c in h.classifiers] for h in ordered]  # (width, K), (K,)
         self.num_heads = ordered[0].layers[0].self_attn.num_heads
 
     def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> list[Tensor]:
@@ -456,7 +467,8 @@ class HeadSampler:
             for j in range(active):
                 head = ordered[j]
                 if use_cache:
-                    logits = head.classifiers[d](states[j])
+                    weight, bias = self.classifiers[j][d]
+                    logits = torch.addmm(bias, states[j], weight)
                 else:
                     logits = head.logits_at(firsts[j], codes[j])
                 c = pick(logits)  # (B,)
@@ -477,21 +489,18 @@ class HeadSampler:
         a, r, width = x.shape
         h = self.num_heads
 
-        def norm(t, wb, eps):
-            return F.layer_norm(t, (width,), eps=eps) * wb[0][:a] + wb[1][:a]
-
         def linear(t, wb):
             return torch.baddbmm(wb[1][:a], t, wb[0][:a])
 
         for i, lay in enumerate(self.layers):
-            qkv = linear(norm(x, lay["norm1"], lay["eps"][0]), lay["qkv"])  # (A, R, 3W)
+            qkv = linear(F.layer_norm(x, (width,), eps=lay["eps"][0]), lay["qkv"])  # (A, R, 3W)
             q, k, v = qkv.view(a, r, 3, h, -1).permute(2, 0, 1, 3, 4).unsqueeze(-2)  # (A, R, h, 1, W/h) each
             keys[i, :a, :, :, d : d + 1] = k
             values[i, :a, :, :, d : d + 1] = v
             y = F.scaled_dot_product_attention(q, keys[i, :a, :, :, : d + 1], values[i, :a, :, :, : d + 1])
             x = x + linear(y.reshape(a, r, width), lay["out"])
-            x = x + linear(F.gelu(linear(norm(x, lay["norm2"], lay["eps"][1]), lay["fc1"])), lay["fc2"])
-        return norm(x, self.final_norm[:2], self.final_norm[2])
+            x = x + linear(F.gelu(linear(F.layer_norm(x, (width,), eps=lay["eps"][1]), lay["fc1"])), lay["fc2"])
+        return F.layer_norm(x, (width,), eps=self.final_eps)  # its affine is folded into the classifiers
 
 
 # -- sampling -------------------------------------------------------------------------------------------------------
