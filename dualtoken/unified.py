@@ -494,10 +494,12 @@ class HeadSampler:
 
         for i, lay in enumerate(self.layers):
             qkv = linear(F.layer_norm(x, (width,), eps=lay["eps"][0]), lay["qkv"])  # (A, R, 3W)
-            q, k, v = qkv.view(a, r, 3, h, -1).permute(2, 0, 1, 3, 4).unsqueeze(-2)  # (A, R, h, 1, W/h) each
-            keys[i, :a, :, :, d : d + 1] = k
-            values[i, :a, :, :, d : d + 1] = v
-            y = F.scaled_dot_product_attention(q, keys[i, :a, :, :, : d + 1], values[i, :a, :, :, : d + 1])
+            q, k, v = qkv.view(a * r, 3, h, 1, -1).unbind(1)  # (A*R, h, 1, W/h) each
+            # Heads x rows as one 4-D batch: SDPA's 4-D kernels are ~5x faster than its 5-D path at these sizes.
+            layer_keys, layer_values = keys[i, :a].flatten(0, 1), values[i, :a].flatten(0, 1)  # (A*R, h, D, W/h)
+            layer_keys[:, :, d : d + 1] = k
+            layer_values[:, :, d : d + 1] = v
+            y = F.scaled_dot_product_attention(q, layer_keys[:, :, : d + 1], layer_values[:, :, : d + 1])
             x = x + linear(y.reshape(a, r, width), lay["out"])
             x = x + linear(F.gelu(linear(F.layer_norm(x, (width,), eps=lay["eps"][1]), lay["fc1"])), lay["fc2"])
         return F.layer_norm(x, (width,), eps=self.final_eps)  # its affine is folded into the classifiers
@@ -525,7 +527,11 @@ def sample_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    # Inverse-CDF sampling: one uniform per row against the cumulative distribution (a third of the time of
+    # torch.multinomial on these (rows, 1024) logits, which sampling calls 12 times per image position).
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 
 
 class _LMRunner:
