@@ -41,8 +41,10 @@ class Teacher(nn.Module):
         return cls.from_towers(preset["vision"], preset["text"], text_tokenizer)
 
     @classmethod
-    def from_towers(cls, vision: dict, text: dict, text_tokenizer: TextTokenizer | None = None) -> "Teacher":
-        """A randomly initialised teacher from SigLIP tower kwargs; the text side is sized to the tokenizer."""
+    def from_towers(cls, vision: dict, text: dict, text_tokenizer: TextTokenizer | None = None,
+                    temperature: float = 10.0) -> "Teacher":
+        """A randomly initialised teacher from SigLIP tower kwargs; the text side is sized to the tokenizer.
+        ``temperature`` is the initial logit scale (SigLIP's 10 by default)."""
         from transformers import SiglipConfig, SiglipModel
 
         text = dict(text)
@@ -53,7 +55,7 @@ class Teacher(nn.Module):
         with torch.no_grad():
             # SigLIP's initialisation (Zhai et al. 2023, Sec. 3.2): temperature log(10), bias -10, so the many
             # negatives start out easy. From transformers' zeros the loss collapses every embedding together.
-            model.logit_scale.fill_(math.log(10.0))
+            model.logit_scale.fill_(math.log(temperature))
             model.logit_bias.fill_(-10.0)
         return cls(model, text_tokenizer)
 

@@ -78,6 +78,16 @@ def teacher(tmp_path_factory, presets) -> Path:
     return root / "export"
 
 
+def test_teacher_prompt_bank_and_temperature(tmp_path, presets):
+    """The attribute prompts are extra columns of the loss, and the logit scale starts at --temperature."""
+    assert len(train_teacher.attribute_prompts()) == 16 + 8 + 4
+    argv = teacher_argv(presets, tmp_path / "run", "--steps", "1", "--prompt-bank", "--temperature", "30",
+                        "--lr", "1e-9")
+    assert train_teacher.main(argv) == 0
+    scale = final_state(tmp_path / "run")["modules"]["teacher"]["model.logit_scale"].exp().item()
+    assert scale == pytest.approx(30.0, rel=1e-3)
+
+
 def final_state(run_dir: Path) -> dict:
     return common.load_checkpoint_file(common.Checkpointer(run_dir).list()[-1])
 
