@@ -51,7 +51,9 @@ features by meaning). For 96 toy-world test images with known color, texture and
 into one vector in two ways: the mean of its **quantized pixel-token vectors** (shallow branch) and the
 **pooled semantic embedding** (deep branch, what zero-shot classification uses). k-means runs in each space; the
 table gives cluster purity against each label (1 = every cluster holds one value; compare with the chance row).
-Shallow tokens should cluster by color and texture, deep tokens by category. Add your own images to see where they land.
+With a pretrained SigLIP teacher, shallow tokens cluster by appearance and deep tokens by category. The toy
+teacher shipped here learned color and some texture but no category within its CPU budget (RESULTS.md), so expect the
+deep tokens to group sharply by color and the shallow ones more loosely. Add your own images to see where they land.
 """
 
 CHAT_TEXT = """
@@ -64,7 +66,7 @@ GENERATE_TEXT = """
 **Text-to-image.** The unified model writes an image token by token: at each grid position two small depth
 transformers pick the RVQ codes of the pixel and the semantic vocabulary; only the pixel codes are decoded to pixels.
 Classifier-free guidance (CFG) scales how strongly the prompt steers sampling. Prompts follow the toy world's
-captions: *a/an color texture object*.
+captions, word for word: *a {color} {texture} {category}* (always "a", e.g. *a orange dotted ankle boot*).
 """
 
 MODEL_TEXT = """
@@ -73,7 +75,7 @@ measured metrics.
 """
 
 PROMPT_EXAMPLES = ["a red striped sneaker", "a blue dotted bag", "a yellow checkered star", "a green plain dress",
-                   "a purple striped heart", "an orange dotted ankle boot"]
+                   "a purple striped heart", "a orange dotted ankle boot"]
 QUESTION_EXAMPLES = ["what color is the object?", "what kind of object is shown?", "what pattern does the object have?",
                      "where is the object?"]
 

@@ -86,6 +86,10 @@ def capture(url: str, out: Path, image: Path = EXAMPLE) -> list[Path]:
 
 
 def _shot(page, path: Path) -> Path:
+    # A component still showing its previous value while a new one runs carries the "pending" class; wait for the
+    # queue to finish so the screenshot shows the result, not the greyed-out placeholder.
+    page.wait_for_function("() => !document.querySelector('[class*=pending], [class*=generating]')",
+                           timeout=120_000)
     page.wait_for_timeout(500)  # let images and plots finish painting
     page.screenshot(path=str(path), full_page=True)
     return path

@@ -181,8 +181,14 @@ def test_quantized_lm_on_cpu(model, tmp_path, quantization, layer):
     quantized.save_pretrained(tmp_path / quantization)
     again = UnifiedModel.from_pretrained(tmp_path / quantization)
     assert any(type(m).__name__ == layer for m in again.lm.modules())
+    saved, loaded = quantized.state_dict(), again.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():  # packed 4/8-bit weights and their quantization states, exactly
+        assert value.dtype == loaded[key].dtype and torch.equal(value, loaded[key]), key
     with torch.no_grad():
-        assert torch.equal(again(batch).text_logits, out.text_logits)
+        # Not bitwise: with identical weights and quantization states (checked above), bitsandbytes 0.50.2's CPU
+        # 4-bit matmul gave the reloaded model logits up to 0.014 apart (magnitude ~1) once `kernels` was installed.
+        assert torch.allclose(again(batch).text_logits, out.text_logits, atol=0.05)
     other = "4bit" if quantization == "8bit" else "8bit"
     with pytest.raises(ConfigError, match=f"saved quantized to {quantization}"):
         UnifiedModel.from_pretrained(tmp_path / quantization, quantization=other)

@@ -9,9 +9,10 @@
 #
 # Every stage checkpoints into runs/ and is resumable: re-running this script continues an interrupted stage
 # (bitwise as if it had not stopped) and re-exports finished ones. The shipped checkpoints were made with exactly
-# these defaults (seed 0). Times are measured on the 2-core development machine: teacher 2.4 s/step (2 threads,
-# batch 64), tokenizer ~3 s/step and unified ~5 s/step (1 thread each, batch 16). Stages 2+3 and 4+5 can run two at
-# a time with THREADS=1, which is how the shipped models were made (about 2.5 hours in all).
+# these defaults (seed 0). Times measured on the 2-core development machine: teacher 8.5 min (300 steps, 2 threads);
+# rows d and a side by side 14 min each (1 thread each); then the unified model (7 min to encode 20k images once,
+# 24 min of training) side by side with rows b and c (10 min each): about 1 hour in all, which is how the shipped
+# models were made. The Table 4 stage (2 x 200 VQA-only steps, ~12 min each) was not run for RESULTS.md.
 # Override any budget from the environment, e.g.
 #   TEACHER_STEPS=200 TOKENIZER_STEPS=100 UNIFIED_STEPS=100 TABLE4_STEPS=50 bash training/recipes/tiny.sh
 #   RUNS=/tmp/runs ASSETS=/tmp/assets ...       # somewhere else than runs/ and assets/
@@ -21,8 +22,8 @@ cd "$(dirname "$0")/../.."
 
 SEED=${SEED:-0}
 TEACHER_STEPS=${TEACHER_STEPS:-300}      # x 64 images, ~8 min with 2 threads
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~20 min each
-UNIFIED_STEPS=${UNIFIED_STEPS:-400}      # x 16 examples, ~35 min
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~14 min each
+UNIFIED_STEPS=${UNIFIED_STEPS:-400}      # x 16 examples, ~31 min with the code cache
 TABLE4_STEPS=${TABLE4_STEPS:-200}        # x 16 VQA examples, each of the two Table 4 rows
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
