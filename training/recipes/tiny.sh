@@ -12,7 +12,8 @@
 # these defaults (seed 0). Times measured on the 2-core development machine: teacher 8.5 min (300 steps, 2 threads);
 # rows d and a side by side 14 min each (1 thread each); then the unified model (7 min to encode 20k images once,
 # 24 min of training) side by side with rows b and c (10 min each): about 1 hour in all, which is how the shipped
-# models were made. The Table 4 stage (2 x 200 VQA-only steps, ~12 min each) was not run for RESULTS.md.
+# models were made. The Table 4 stage (2 x 200 VQA-only steps) takes 5 min per row; RESULTS.md ran its two rows
+# side by side.
 # Override any budget from the environment, e.g.
 #   TEACHER_STEPS=200 TOKENIZER_STEPS=100 UNIFIED_STEPS=100 TABLE4_STEPS=50 bash training/recipes/tiny.sh
 #   RUNS=/tmp/runs ASSETS=/tmp/assets ...       # somewhere else than runs/ and assets/
