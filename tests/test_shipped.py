@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dualtoken import DualTokenizer
+from dualtoken.data import fashion_mnist_available
 from dualtoken.eval import evaluate_tokenizer, evaluate_vqa, toy_test_set, toy_vqa_set
 from dualtoken.teacher import Teacher
 
@@ -24,7 +25,7 @@ TEACHER_BARS = {"color": 0.9, "texture": 0.3}  # chance: 0.125, 0.25 (measured o
 DUALTOKEN_BARS = {"psnr": 21.5, "ssim": 0.68, "usage": 0.8, "kept": 0.85}
 VQA_BARS = {"color": 0.85}  # category and texture answers are at chance after 400 steps (RESULTS.md)
 
-pytestmark = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="the toy world needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dualtoken.data import CATEGORIES, COLORS, TEXTURES, caption_variants
-from dualtoken.eval import semantic_metrics
+from dualtoken.data import ATTRIBUTES, CATEGORIES, COLORS, TEXTURES, caption_variants
+from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
 from dualtoken.teacher import Teacher
 from dualtoken.text import TextTokenizer
 
@@ -78,9 +78,9 @@ def caption_corpus() -> list[str]:
 
 
 def attribute_prompts() -> list[str]:
-    """The single-attribute partial captions of every category, colour and texture (the zero-shot prompts)."""
-    return ([f"a {k}" for k in CATEGORIES] + [f"a {c} object" for c in COLORS]
-            + [f"a {t} object" for t in TEXTURES])
+    """The zero-shot prompts of every category, colour and texture ("a sneaker", "a red object", ...): the same
+    texts the evaluation classifies with, each also a partial caption of ``caption_variants``."""
+    return [prompt(word) for attr, prompt in ZERO_SHOT_PROMPTS.items() for word in ATTRIBUTES[attr]]
 
 
 def build_teacher(preset: dict, text_tokenizer: TextTokenizer, temperature: float = 10.0) -> Teacher:
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 facts={"architecture": _architecture(preset, text_tokenizer),
                        "data": f"ToyWorld train split ({args.data}, {args.train_size} images, "
                                "held-out colour/texture/category combinations excluded), random caption variants"
-                               + (", plus the 28 single-attribute captions as extra texts at every step"
-                                  if args.prompt_bank else ""),
+                               + (f", plus the {len(bank)} single-attribute captions as extra texts at every step"
+                                  if bank else ""),
                        "training": f"{run.step} steps x {run.global_batch} images, AdamW lr {args.lr} "
                                    f"(warmup {args.warmup}, cosine), weight decay {args.weight_decay}, "
                                    f"seed {args.seed}, {accelerator.num_processes} process(es)",
