@@ -383,8 +383,10 @@ def _fashion_mask(item, flip, r, size, cx, cy) -> tuple[np.ndarray, np.ndarray]:
     sx0, sy0, sx1, sy1 = max(0, -x0), max(0, -y0), min(w, r - x0), min(h, r - y0)
     mask, shade = np.zeros((r, r), np.float32), np.ones((r, r), np.float32)
     region = (slice(y0 + sy0, y0 + sy1), slice(x0 + sx0, x0 + sx1))
-    # The field ramps from 0 to 1 over about `scale` pixels at an edge; steepen it to one pixel.
-    mask[region] = np.clip((up_field[sy0:sy1, sx0:sx1] - 0.4) * max(scale, 1.0) + 0.5, 0, 1)
+    # The field ramps from 0 to 1 over about `scale` pixels at an edge; steepen it to one pixel. The gain is at
+    # least 2 so that the blurred field's faint tails (below 0.15) stay at mask 0: at gain 1 a small item's whole
+    # paste window showed as a faint box (mask 0.1), a shortcut to "Fashion-MNIST item" that no shape has.
+    mask[region] = np.clip((up_field[sy0:sy1, sx0:sx1] - 0.4) * max(scale, 2.0) + 0.5, 0, 1)
     bright = max(float(np.percentile(up[up_field > 0.4], 95)), 0.05)
     shade[region] = 0.92 + 0.08 * np.clip(up[sy0:sy1, sx0:sx1] / bright, 0, 1)
     return mask, shade

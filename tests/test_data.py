@@ -245,6 +245,20 @@ def test_colorized_fashion_mnist():
         assert s.caption == canonical_caption(s.color, s.texture, s.category)
 
 
+@pytest.mark.parametrize("size", [0.25, 0.35, 0.6])  # scale 0.94 .. 2.3 output pixels per item pixel
+def test_fashion_mask_is_zero_outside_the_silhouette(size):
+    # A disc of radius 8 item pixels: mask pixels must lie within its upscaled radius plus the 1-pixel edge, and
+    # small items must not leave a faint box over their paste window (they did at scale < 1.25).
+    yy, xx = np.mgrid[:28, :28]
+    item = np.where(np.hypot(yy - 13.5, xx - 13.5) <= 8, 200, 0).astype(np.uint8)
+    r, cx, cy = 64, 0.5, 0.5
+    mask, shade = data._fashion_mask(item, False, r, size, cx, cy)
+    scale = size * r / 16  # the tight crop is 16 item pixels across
+    y, x = np.nonzero(mask)
+    assert np.hypot(y + 0.5 - cy * r, x + 0.5 - cx * r).max() <= 8 * scale + 2
+    assert mask[int(cy * r), int(cx * r)] == 1.0 and shade.min() >= 0.92
+
+
 def test_natural_eval_images_are_held_out():
     images = natural_eval_images()
     assert set(images) == set(NATURAL_EVAL_IMAGES) == {"astronaut", "coffee", "chelsea", "rocket"}

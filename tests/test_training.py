@@ -448,3 +448,28 @@ def test_lpips_vgg_loads_torchvision_keys_and_lpips_heads(tmp_path, fmt):
     assert d > 0 and y.grad.abs().sum() > 0
     with pytest.raises(CheckpointError):
         losses.LPIPSVGG(tmp_path / "vgg.pth")  # a heads file is not a VGG
+
+
+@pytest.mark.slow
+def test_gpu_recipe_sizes_steps_from_probes_and_exports_every_stage(tmp_path):
+    """training/recipes/gpu.sh end to end with small budgets (it runs wherever torch runs): the timing probes turn
+    seconds into steps, every stage trains that many steps and exports."""
+    from dualtoken.data import fashion_mnist_available
+
+    if not fashion_mnist_available():
+        pytest.skip("the recipe trains on the full toy world, which needs dataset-fashion-mnist")
+    runs, assets = tmp_path / "runs", tmp_path / "assets"
+    env = dict(os.environ, RUNS=str(runs), ASSETS=str(assets), EVAL_SIZE="8", TEACHER_BATCH="8",
+               TOKENIZER_BATCH="4", UNIFIED_BATCH="4", UNIFIED_TRAIN_SIZE="200", TEACHER_SECONDS="1",
+               TOKENIZER_SECONDS="1", UNIFIED_SECONDS="1", THREADS="1", TEACHER_THREADS="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", "training/recipes/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = dict(line.split("=") for line in (runs / "gpu-steps.env").read_text().split())
+    assert set(steps) == {"TEACHER_STEPS", "TOKENIZER_STEPS", "UNIFIED_STEPS"}
+    assert all(int(v) == 100 for v in steps.values())  # 1 s of any stage is below the 100-step floor
+    for run in ("teacher-tiny", "dualtoken-tiny", "vilau-tiny", "row-b-tiny", "row-c-tiny", "unified-tiny"):
+        assert common.read_log(runs / run / common.LOG_FILE)[-1]["step"] == 100, run
+    for export in (assets / "teacher-tiny", assets / "dualtoken-tiny", assets / "vilau-tiny",
+                   runs / "row-b-tiny" / "export", runs / "row-c-tiny" / "export", assets / "unified-tiny"):
+        assert (export / "config.json").is_file() and (export / "README.md").is_file(), export

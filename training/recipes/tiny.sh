@@ -29,8 +29,16 @@ TABLE4_STEPS=${TABLE4_STEPS:-200}        # x 16 VQA examples, each of the two Ta
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
 TEACHER_THREADS=${TEACHER_THREADS:-2}
+WORKERS=${WORKERS:-1}                    # DataLoader processes rendering the toy world, per training process
+TEACHER_BATCH=${TEACHER_BATCH:-64}
+TOKENIZER_BATCH=${TOKENIZER_BATCH:-16}
+UNIFIED_BATCH=${UNIFIED_BATCH:-16}
+UNIFIED_TRAIN_SIZE=${UNIFIED_TRAIN_SIZE:-20000}
+SAVE_EVERY=${SAVE_EVERY:-}              # steps between checkpoints; default 50 (teacher, unified), 100 (tokenizers)
 RUNS=${RUNS:-runs}
 ASSETS=${ASSETS:-assets}
+TEACHER=${TEACHER:-$ASSETS/teacher-tiny}        # what the tokenizer stages distil from
+TOKENIZER=${TOKENIZER:-$ASSETS/dualtoken-tiny}  # whose codes the unified stages read and write
 STAGES=${STAGES:-"teacher d a unified b c table4"}
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -42,28 +50,30 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 # (200 steps, patch 4 or 8); RESULTS.md has the numbers.
 if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
-    --steps "$TEACHER_STEPS" --batch-size 64 --lr 5e-4 --warmup 60 --weight-decay 0.1 --category-caption-rate 0.5 \
-    --prompt-bank --temperature 30 \
-    --save-every 50 --log-every 10 --eval-size "$EVAL_SIZE" --out "$RUNS/teacher-tiny" --resume \
-    --export "$ASSETS/teacher-tiny"
+    --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
+    --category-caption-rate 0.5 --prompt-bank --temperature 30 \
+    --save-every "${SAVE_EVERY:-50}" --log-every 10 --eval-size "$EVAL_SIZE" --workers "$WORKERS" \
+    --out "$RUNS/teacher-tiny" --resume --export "$TEACHER"
 fi
 
 # Toy-scale tokenizer settings shared by every row (the full-size defaults are REFERENCE.md's): LR 1e-3 instead of
 # 7.2e-5 (at batch 8, 1e-3 led 3e-4 by ~0.5 dB PSNR and halved the semantic loss after 600 images), 100 warmup
 # steps instead of 10k, a half-width PatchGAN, and the GAN on for the last quarter of each run only.
 tokenizer() {  # tokenizer ROW NAME EXPORT
-    python -m training.train_tokenizer --teacher "$ASSETS/teacher-tiny" --row "$1" --data toy --seed "$SEED" \
-        --threads "$THREADS" --steps "$TOKENIZER_STEPS" --batch-size 16 --lr 1e-3 --warmup 100 \
+    python -m training.train_tokenizer --teacher "$TEACHER" --row "$1" --data toy --seed "$SEED" \
+        --threads "$THREADS" --steps "$TOKENIZER_STEPS" --batch-size "$TOKENIZER_BATCH" --lr 1e-3 --warmup 100 \
         --gan-start $(( TOKENIZER_STEPS * 3 / 4 )) --disc-ndf 32 \
-        --save-every 100 --log-every 10 --eval-size "$EVAL_SIZE" --out "$RUNS/$2" --resume --export "$3"
+        --save-every "${SAVE_EVERY:-100}" --log-every 10 --eval-size "$EVAL_SIZE" --workers "$WORKERS" \
+        --out "$RUNS/$2" --resume --export "$3"
 }
-want d && tokenizer d dualtoken-tiny "$ASSETS/dualtoken-tiny"
+want d && tokenizer d dualtoken-tiny "$TOKENIZER"
 want a && tokenizer a vilau-tiny "$ASSETS/vilau-tiny"
 
 unified() {  # unified NAME EXPORT STEPS [extra flags]
-    python -m training.train_unified --tokenizer "$ASSETS/dualtoken-tiny" --preset unified-tiny --data toy \
-        --seed "$SEED" --threads "$THREADS" --train-size 20000 --batch-size 16 --lr 1e-3 --warmup 100 \
-        --codes "$RUNS/codes-dualtoken-tiny.pt" --steps "$3" --save-every 50 --log-every 10 --eval-size 200 \
+    python -m training.train_unified --tokenizer "$TOKENIZER" --preset unified-tiny --data toy \
+        --seed "$SEED" --threads "$THREADS" --train-size "$UNIFIED_TRAIN_SIZE" --batch-size "$UNIFIED_BATCH" \
+        --lr 1e-3 --warmup 100 --workers "$WORKERS" --codes "$RUNS/codes-dualtoken-tiny.pt" --steps "$3" \
+        --save-every "${SAVE_EVERY:-50}" --log-every 10 --eval-size "$(( EVAL_SIZE < 200 ? EVAL_SIZE : 200 ))" \
         --out "$RUNS/$1" --resume --export "$2" "${@:4}"
 }
 want unified && unified unified-tiny "$ASSETS/unified-tiny" "$UNIFIED_STEPS"
