@@ -34,6 +34,7 @@ A saved model is a folder::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import warnings
@@ -537,21 +538,24 @@ def sample_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
 class _LMRunner:
     """Feeds the LM a growing sequence one position at a time; ``hidden`` is the last position's state (R, W).
 
-    With ``use_cache`` the LM's KV cache (past_key_values) holds the prefix and each step feeds one position;
+    With ``use_cache`` the LM's KV cache holds the prefix and each step feeds one position;
     without it every step recomputes the whole sequence (the reference the cache must match, and the baseline
     of bench/generate.py). Rows are left-padded, so positions count from each row's first real token.
     """
 
     def __init__(self, lm: nn.Module, embeds: Tensor, attention_mask: Tensor, use_cache: bool):
         self.lm, self.use_cache, self.cache = lm, use_cache, None
+        # transformers renamed the KV cache argument and output `past_key_values` -> `cache` (the old name still
+        # works there, with a deprecation warning per process); older 5.x releases know only the old name.
+        self.cache_name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         self.embeds, self.mask = embeds, attention_mask  # (R, L, W), (R, L)
         self.positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (R, L)
         self.hidden = self._forward(embeds, self.positions)
 
     def _forward(self, embeds: Tensor, positions: Tensor) -> Tensor:
         out = self.lm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
-                      past_key_values=self.cache, use_cache=self.use_cache)
-        self.cache = out.past_key_values if self.use_cache else None
+                      use_cache=self.use_cache, **{self.cache_name: self.cache})
+        self.cache = getattr(out, self.cache_name) if self.use_cache else None
         return out.last_hidden_state[:, -1]
 
     def step(self, embed: Tensor) -> Tensor:
