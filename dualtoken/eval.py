@@ -317,7 +317,12 @@ def unified_main(argv: list[str] | None = None) -> int:
     except DualTokenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = unified_markdown(results)
+    return _report(results, unified_markdown(results), args)
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def _report(results: dict, table: str, args) -> int:
+    """Print the Markdown table; write it and the JSON results where --markdown / --json ask."""
     print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -326,7 +331,6 @@ def unified_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# -- command line -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dualtoken.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,13 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     except DualTokenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = markdown_table(results)
-    print(table)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(table)
-    return 0
+    return _report(results, markdown_table(results), args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,15 @@ def micro_config(mode: str = "dual", text: bool = False) -> DualTokenConfig:
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models gain nothing from a second thread, and lose much when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,12 +20,7 @@ MICRO_UNIFIED = {"lm": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_la
                  "head_width": 16, "head_heads": 2, "head_layers": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ MICRO_TOKENIZER = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models gain nothing from a second thread, and lose much when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
