@@ -47,7 +47,8 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 # single-attribute captions (--prompt-bank), and the sigmoid loss starts at temperature 30 (see train_teacher.py
 # --help for why each). Within a CPU budget the from-scratch ViT learns colour and some texture but not category:
 # a 900-step run stayed at chance on category, and so did a supervised cross-entropy probe of the same tower
-# (200 steps, patch 4 or 8); RESULTS.md has the numbers.
+# (200 steps, patch 4 or 8). TEACHER_STEPS=2000 (62 min) reaches texture 0.82 and category 0.12 (chance 0.06);
+# RESULTS.md has the numbers.
 if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
     --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
