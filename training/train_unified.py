@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from dualtoken.data import QUESTION_TEMPLATES, caption_variants
 from dualtoken.errors import ConfigError
@@ -109,11 +109,10 @@ class CodeCache(Dataset):
                 logger.info("codes of %d train images read from %s", len(world), path)
                 return cls(saved["pixel"], saved["semantic"], saved["attributes"])
             logger.info("%s was made by another tokenizer or train size: encoding again", path)
-        from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
         pixel, semantic, attributes = [], [], []
-        # Rendering, not encoding, is the slow part off a CPU (~350 images/s per core): workers render in order.
+        # On a GPU, rendering (~350 images/s per CPU core) bounds this, not encoding: workers render, in order.
         loader = DataLoader(world, batch_size=batch_size, num_workers=workers, collate_fn=list)
         with torch.no_grad():
             for samples in tqdm(loader, desc="encoding train images", unit="batch"):
