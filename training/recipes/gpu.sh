@@ -51,29 +51,37 @@ print(max(100, int(seconds * min(rates) / batch) // 50 * 50))
 PY
 }
 
-probe() {  # probe NAME VAR=VALUE...: a 30-step tiny.sh stage under $PROBE/NAME, no evaluation
-    env RUNS="$PROBE/$1" ASSETS="$PROBE/$1" EVAL_SIZE=0 SAVE_EVERY=1000 "${@:2}" bash "$TINY" \
-        > "$LOGS/probe-$1.log" 2>&1 || { echo "probe $1 failed:"; tail -n 30 "$LOGS/probe-$1.log"; return 1; }
+run_tiny() {  # run_tiny LOG VAR=VALUE...: tiny.sh under these settings, its output in $LOGS/LOG.log
+    env "${@:2}" bash "$TINY" > "$LOGS/$1.log" 2>&1 || { echo "$1 failed:"; tail -n 40 "$LOGS/$1.log"; return 1; }
 }
 
-probe_tokenizers() {  # probe_tokenizers TEACHER_DIR: all four rows at once, as they will run
+probe() {  # probe NAME VAR=VALUE...: a 30-step tiny.sh stage under $PROBE/NAME, no evaluation
+    run_tiny "probe-$1" RUNS="$PROBE/$1" ASSETS="$PROBE/$1" EVAL_SIZE=0 SAVE_EVERY=1000 "${@:2}"
+}
+
+stage() {  # stage NAME VAR=VALUE...: one tiny.sh stage, timed
+    echo "$(date +%T) $1: start"
+    run_tiny "$@"
+    echo "$(date +%T) $1: done"
+}
+
+side_by_side() {  # side_by_side FUNCTION ARGS...: FUNCTION ROW ARGS for Table 3 rows d a b c at once
     local pids=() row
-    for row in d a b c; do
-        probe "row-$row" STAGES="$row" TOKENIZER_STEPS=30 TEACHER="$1" WORKERS="$TOKENIZER_WORKERS" & pids+=($!)
-    done
+    for row in d a b c; do "$1" "$row" "${@:2}" & pids+=($!); done
     for pid in "${pids[@]}"; do wait "$pid"; done
 }
+
+probe_row() {  # probe_row ROW TEACHER_DIR
+    probe "row-$1" STAGES="$1" TOKENIZER_STEPS=30 TEACHER="$2" WORKERS="$TOKENIZER_WORKERS"
+}
+probe_tokenizers() { side_by_side probe_row "$1"; }  # probe_tokenizers TEACHER_DIR: the rows as they will run
 TOKENIZER_PROBE_RUNS="$PROBE/row-d/dualtoken-tiny $PROBE/row-a/vilau-tiny $PROBE/row-b/row-b-tiny"
 TOKENIZER_PROBE_RUNS+=" $PROBE/row-c/row-c-tiny"
 
+train_row() { stage "row-$1" STAGES="$1" TOKENIZER_STEPS="$TOKENIZER_STEPS" WORKERS="$TOKENIZER_WORKERS"; }
+
 probe_unified() {  # probe_unified TOKENIZER_DIR (a small code cache: only the step time matters)
     probe unified STAGES=unified UNIFIED_STEPS=30 UNIFIED_TRAIN_SIZE=2000 TOKENIZER="$1" WORKERS=2
-}
-
-stage() {  # stage NAME VAR=VALUE...: one tiny.sh stage, its output in $LOGS/NAME.log
-    echo "$(date +%T) $1: start"
-    env "${@:2}" bash "$TINY" > "$LOGS/$1.log" 2>&1 || { echo "$1 failed:"; tail -n 40 "$LOGS/$1.log"; return 1; }
-    echo "$(date +%T) $1: done"
 }
 
 tokenizer_probe_pid=""
@@ -101,11 +109,7 @@ if want tokenizers; then
         fi
     fi
     echo "tokenizers: $TOKENIZER_STEPS steps x $TOKENIZER_BATCH, rows d a b c side by side"
-    pids=()
-    for row in d a b c; do
-        stage "row-$row" STAGES="$row" TOKENIZER_STEPS="$TOKENIZER_STEPS" WORKERS="$TOKENIZER_WORKERS" & pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid"; done
+    side_by_side train_row
 fi
 
 if want unified; then
