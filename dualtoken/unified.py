@@ -408,12 +408,14 @@ class HeadSampler:
     """Samples the codes of one image position from both visual heads together (eq. 5, autoregressive over depth).
 
     The heads are independent given h_p, so at each depth every head that still has codes to draw steps at once:
-    their layer weights are stacked once per generation and each layer is one batched matmul for all heads. Sampling
-    calls the depth transformers 3 * D times per position, where per-call overhead outweighs the arithmetic, so this
-    roughly halves the head time against running the heads one after the other. With ``use_cache`` each depth runs
-    only its own input through the layers, attending to keys and values the earlier depths left in a per-layer
-    cache; without it every depth reruns the whole prefix (the reference the cache must match). Either way the
-    draws happen in the same order (depth by depth, heads in the given order), so both give the same codes.
+    their layer weights, classifiers and code embeddings are stacked once per generation, and each layer, the
+    classifier, the draw and the embedding lookup are one batched call for all heads. Sampling runs the depth
+    transformers 3 * D times per position, where per-call overhead outweighs the arithmetic, so batching the heads
+    roughly halves their time against running them one after the other. With ``use_cache`` each depth runs only its
+    own input through the layers, attending to keys and values the earlier depths left in a per-layer cache; without
+    it every depth reruns the whole prefix through the heads' own modules (the reference the cache must match).
+    Either way each depth makes one draw for all active heads, so both give the same codes.
+    Heads with different codebook sizes are padded to the largest: padded logits are -inf and are never drawn.
     """
 
     def __init__(self, heads: Sequence[DepthHead]):
@@ -423,7 +425,7 @@ class HeadSampler:
             raise ConfigError("jointly sampled heads must share width, attention heads and layer count")
         # Deepest first, so the heads still active at depth d are always a prefix of the stack.
         self.order = sorted(range(len(heads)), key=lambda i: -heads[i].depth)
-        ordered = [heads[i] for i in self.order]
+        ordered = self.ordered = [heads[i] for i in self.order]
         stack = lambda get: torch.stack([get(h) for h in ordered])  # noqa: E731
         # Each LayerNorm's affine is folded into the linear map that follows it: LN(x) @ W with LN(x) = n(x) * g + b
         # equals n(x) @ (g[:, None] * W) + b @ W, which saves two ops per norm in a loop that is all overhead.
@@ -444,43 +446,56 @@ class HeadSampler:
                 "eps": (lay[0].norm1.eps, lay[0].norm2.eps),
             })
         self.final_eps = ordered[0].norm.eps
-        self.classifiers = [[fold(h.norm, c) for c in h.classifiers] for h in ordered]  # (width, K), (K,)
         self.num_heads = ordered[0].layers[0].self_attn.num_heads
+        self.depth = ordered[0].depth
+        self.codebook_size = max(h.code_embedding.num_embeddings for h in ordered)
+        self.active = [sum(h.depth > d for h in ordered) for d in range(self.depth)]
+        # Per depth: the active heads' classifiers (final norm folded in) as one (A, width, K) map, a smaller
+        # codebook padded with zero weights and -inf bias.
+        self.classifiers = []
+        for d, active in enumerate(self.active):
+            folded = [fold(h.norm, h.classifiers[d]) for h in ordered[:active]]
+            self.classifiers.append((
+                torch.stack([self._pad(w, 0.0) for w, _ in folded]),
+                torch.stack([self._pad(b, float("-inf")) for _, b in folded])[:, None]))
+        self.code_tables = stack(lambda h: self._pad(h.code_embedding.weight.t(), 0.0).t())  # (H, K, width)
+        self.depth_embeddings = stack(lambda h: F.pad(h.depth_embedding, (0, 0, 0, self.depth - h.depth)))
+
+    def _pad(self, t: Tensor, value: float) -> Tensor:
+        """Pad the last (codebook) dimension of ``t`` to the largest codebook."""
+        return F.pad(t, (0, self.codebook_size - t.shape[-1]), value=value)
 
     def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> list[Tensor]:
-        """hidden (R, lm_width) -> one (B, D_head) code tensor per head, in the order the heads were given."""
-        ordered = [self.heads[i] for i in self.order]
-        firsts = [h.input_projection(hidden.to(h.depth_embedding.dtype)) for h in ordered]  # (R, width) each
-        repeat, depth = hidden.shape[0], ordered[0].depth
-        chosen: list[list[Tensor]] = [[] for _ in ordered]
+        """hidden (R, lm_width) -> one (B, D_head) code tensor per head, in the order the heads were given.
+
+        ``pick`` draws the codes of one depth for all active heads at once: logits (A, R, K) -> codes (A, B)."""
+        ordered = self.ordered
+        firsts = torch.stack([h.input_projection(hidden.to(h.depth_embedding.dtype)) for h in ordered])  # (H, R, W)
+        num, repeat, width = firsts.shape
         if use_cache:
-            width = firsts[0].shape[-1]
-            shape = (len(self.layers), len(ordered), repeat, self.num_heads, depth, width // self.num_heads)
-            keys, values = firsts[0].new_empty(shape), firsts[0].new_empty(shape)
-            inputs = list(firsts)
-            prefixes = [torch.zeros_like(f) for f in firsts]  # sums of code embeddings so far (eq. 5)
-        codes = [torch.zeros(repeat, 0, dtype=torch.long, device=hidden.device) for _ in ordered]
-        for d in range(depth):
-            active = sum(h.depth > d for h in ordered)
+            shape = (len(self.layers), num, repeat, self.num_heads, self.depth, width // self.num_heads)
+            keys, values = firsts.new_empty(shape), firsts.new_empty(shape)
+            inputs = firsts  # depth 1 reads h_p, depth d > 1 the sum of the codes drawn so far (eq. 5)
+        else:
+            codes = torch.zeros(num, repeat, 0, dtype=torch.long, device=hidden.device)
+        chosen = []
+        for d, active in enumerate(self.active):
             if use_cache:
-                x = torch.stack([inputs[j] + ordered[j].depth_embedding[d] for j in range(active)])  # (A, R, width)
-                states = self._step(x, keys, values, d)
-            for j in range(active):
-                head = ordered[j]
-                if use_cache:
-                    weight, bias = self.classifiers[j][d]
-                    logits = torch.addmm(bias, states[j], weight)
-                else:
-                    logits = head.logits_at(firsts[j], codes[j])
-                c = pick(logits)  # (B,)
-                chosen[j].append(c)
-                full = c.repeat(repeat // c.shape[0])
-                if use_cache:
-                    prefixes[j] = prefixes[j] + head.code_embedding(full)
-                    inputs[j] = prefixes[j]
-                else:
-                    codes[j] = torch.cat([codes[j], full[:, None]], dim=1)
-        out = [torch.stack(c, dim=1) for c in chosen]
+                states = self._step(inputs[:active] + self.depth_embeddings[:active, d, None], keys, values, d)
+                weight, bias = self.classifiers[d]
+                logits = torch.baddbmm(bias, states, weight)  # (A, R, K)
+            else:
+                logits = torch.stack([self._pad(head.logits_at(firsts[j], codes[j]), float("-inf"))
+                                      for j, head in enumerate(ordered[:active])])
+            drawn = pick(logits)  # (A, B)
+            chosen.append(drawn)
+            full = drawn.repeat(1, repeat // drawn.shape[1])  # (A, R): guided rows share their draws
+            if use_cache:
+                index = torch.arange(active, device=full.device)[:, None]
+                inputs = (inputs[:active] if d else torch.zeros_like(inputs[:active])) + self.code_tables[index, full]
+            else:
+                codes = torch.cat([codes[:active], full[..., None]], dim=2)
+        out = [torch.stack([c[j] for c in chosen[: head.depth]], dim=1) for j, head in enumerate(ordered)]
         return [out[self.order.index(i)] for i in range(len(self.heads))]
 
     def _step(self, x: Tensor, keys: Tensor, values: Tensor, d: int) -> Tensor:
@@ -902,10 +917,10 @@ class UnifiedModel(nn.Module):
         input_ids, mask, image_mask = self.format.tensors(rows, "left")
         generator = _generator(seed, self.device)
 
-        def pick(logits: Tensor) -> Tensor:  # (R, K) -> (n,)
+        def pick(logits: Tensor) -> Tensor:  # (heads, R, K) -> (heads, n): one draw for every active head
             if unconditional:
-                logits = guide(*logits.float().chunk(2), cfg_scale)
-            return sample_logits(logits, temperature, top_k, top_p, generator)
+                logits = guide(*logits.float().chunk(2, dim=1), cfg_scale)
+            return sample_logits(logits.flatten(0, 1), temperature, top_k, top_p, generator).view(len(logits), n)
 
         with _eval_mode(self):
             runner = _LMRunner(self.lm.base_model, self._embed(input_ids, image_mask, None, None),
