@@ -415,7 +415,8 @@ class HeadSampler:
     own input through the layers, attending to keys and values the earlier depths left in a per-layer cache; without
     it every depth reruns the whole prefix through the heads' own modules (the reference the cache must match).
     Either way each depth makes one draw for all active heads, so both give the same codes.
-    Heads with different codebook sizes are padded to the largest: padded logits are -inf and are never drawn.
+    Heads with different codebook sizes are padded to the largest: padded logits are the dtype's lowest finite value
+    (not -inf, whose difference guidance would turn into NaN), so they are never drawn.
     """
 
     def __init__(self, heads: Sequence[DepthHead]):
@@ -451,18 +452,21 @@ class HeadSampler:
         self.codebook_size = max(h.code_embedding.num_embeddings for h in ordered)
         self.active = [sum(h.depth > d for h in ordered) for d in range(self.depth)]
         # Per depth: the active heads' classifiers (final norm folded in) as one (A, width, K) map, a smaller
-        # codebook padded with zero weights and -inf bias.
+        # codebook padded with zero weights and the lowest bias.
         self.classifiers = []
         for d, active in enumerate(self.active):
             folded = [fold(h.norm, h.classifiers[d]) for h in ordered[:active]]
             self.classifiers.append((
                 torch.stack([self._pad(w, 0.0) for w, _ in folded]),
-                torch.stack([self._pad(b, float("-inf")) for _, b in folded])[:, None]))
+                torch.stack([self._pad(b, "lowest") for _, b in folded])[:, None]))
         self.code_tables = stack(lambda h: self._pad(h.code_embedding.weight.t(), 0.0).t())  # (H, K, width)
         self.depth_embeddings = stack(lambda h: F.pad(h.depth_embedding, (0, 0, 0, self.depth - h.depth)))
 
-    def _pad(self, t: Tensor, value: float) -> Tensor:
-        """Pad the last (codebook) dimension of ``t`` to the largest codebook."""
+    def _pad(self, t: Tensor, value: float | str) -> Tensor:
+        """Pad the last (codebook) dimension of ``t`` to the largest codebook with ``value`` ("lowest": the
+        dtype's lowest finite value)."""
+        if value == "lowest":
+            value = torch.finfo(t.dtype).min
         return F.pad(t, (0, self.codebook_size - t.shape[-1]), value=value)
 
     def sample(self, hidden: Tensor, pick: Callable[[Tensor], Tensor], use_cache: bool = True) -> list[Tensor]:
@@ -485,7 +489,7 @@ class HeadSampler:
                 weight, bias = self.classifiers[d]
                 logits = torch.baddbmm(bias, states, weight)  # (A, R, K)
             else:
-                logits = torch.stack([self._pad(head.logits_at(firsts[j], codes[j]), float("-inf"))
+                logits = torch.stack([self._pad(head.logits_at(firsts[j], codes[j]), "lowest")
                                       for j, head in enumerate(ordered[:active])])
             drawn = pick(logits)  # (A, B)
             chosen.append(drawn)

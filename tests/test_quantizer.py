@@ -11,13 +11,7 @@ from dualtoken.quantizer import ResidualVQ, ResidualVQOutput
 DIM, K, DEPTH = 8, 64, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: a second intra-op thread only adds sync cost (large on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusters(n: int, seed: int = 0, n_clusters: int = 16, spread: float = 0.2) -> torch.Tensor:

@@ -14,8 +14,8 @@ from PIL import Image
 from dualtoken.config import DualTokenConfig, QuantizerConfig, load_preset
 from dualtoken.errors import CheckpointError, CodesError, ConfigError
 from dualtoken.tokenizer import DualTokenizer
-from dualtoken.unified import (IGNORE, IMAGE_END, IMAGE_START, UnifiedConfig, UnifiedExample, UnifiedModel, guide,
-                               parse_chat)
+from dualtoken.unified import (IGNORE, IMAGE_END, IMAGE_START, DepthHead, HeadSampler, UnifiedConfig, UnifiedExample,
+                               UnifiedModel, guide, parse_chat, sample_logits)
 
 from .conftest import micro_config
 
@@ -24,14 +24,8 @@ MICRO_LM = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "n
             "tie_word_embeddings": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Sampling runs thousands of tiny ops: one thread saves OpenMP synchronization that costs more than the ops
-    (tenfold on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Sampling runs thousands of tiny ops: one thread saves OpenMP synchronization that costs more than the ops.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -127,6 +121,32 @@ def test_kv_cache_matches_recomputation(model, sampling):
     cached = model.generate_codes("a blue dotted star", seed=3, **sampling)
     recomputed = model.generate_codes("a blue dotted star", seed=3, use_cache=False, **sampling)
     assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[1], recomputed[1])
+
+
+def test_heads_of_different_depth_and_codebook_size_sample_together():
+    """The shipped heads differ in depth (pixel 8, semantic 4); a codebook size may differ too. Sampling both
+    together must give the cached and recomputed paths the same codes, each head its own depth, and never a code
+    from the padding of the smaller codebook."""
+    heads = [DepthHead(48, 32, 2, 2, depth=2, codebook_size=5), DepthHead(48, 32, 2, 2, depth=4, codebook_size=64)]
+    for head in heads:
+        head.eval()
+    hidden = torch.randn(6, 48)  # 3 conditional + 3 unconditional rows
+
+    def run(use_cache: bool, seed: int = 0) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+
+        def pick(logits):  # (A, 6, K) -> (A, 3)
+            guided = guide(*logits.chunk(2, dim=1), 3.0)
+            return sample_logits(guided.flatten(0, 1), 1.0, None, None, generator).view(len(logits), 3)
+
+        with torch.no_grad():
+            return HeadSampler(heads).sample(hidden, pick, use_cache)
+
+    cached, recomputed = run(True), run(False)
+    assert [c.shape for c in cached] == [(3, 2), (3, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
+    small = torch.stack([run(True, seed)[0] for seed in range(20)])
+    assert small.max() < 5 and len(small.unique()) > 1
 
 
 def test_cfg_one_is_unguided_sampling(model):
