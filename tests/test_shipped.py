@@ -3,8 +3,9 @@ levels RESULTS.md reports (toy-world test split, never trained on).
 
 The bars sit a margin below the numbers measured on 1000 test images (RESULTS.md), since a sample of ~100 images is
 noisier. They are what the shipped models reach, not the issues' targets (30 dB PSNR, category semantics), which
-RESULTS.md reports as missed: the toy teacher learns no category within the CPU budget, so category is not asserted.
-A retrain that loses the paper's reconstruction ordering (DualToken above the single-codebook baseline) fails here.
+RESULTS.md reports as missed. Category is not asserted: the toy teacher reaches 0.12 (chance 0.06), a gap that a
+96-image sample cannot tell from luck. A retrain that loses the paper's reconstruction ordering (DualToken above the
+single-codebook baseline) fails here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from dualtoken.teacher import Teacher
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 N = 96  # test images per tokenizer
-TEACHER_BARS = {"color": 0.9, "texture": 0.3}  # chance: 0.125, 0.25 (measured on 1000 test images: RESULTS.md)
-DUALTOKEN_BARS = {"psnr": 21.5, "ssim": 0.68, "usage": 0.8, "kept": 0.85}
-VQA_BARS = {"color": 0.85}  # category and texture answers are at chance after 400 steps (RESULTS.md)
+TEACHER_BARS = {"color": 0.9, "texture": 0.65}  # chance: 0.125, 0.25 (measured on 1000 test images: RESULTS.md)
+DUALTOKEN_BARS = {"psnr": 22.0, "ssim": 0.72, "usage": 0.8, "kept": 0.85}
+BASELINE_GAP_DB = 1.5  # (d) over (a); RESULTS.md measures about 3.5 dB
+VQA_BARS = {"color": 0.85, "texture": 0.5}  # category answers are at chance after 400 steps (RESULTS.md)
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="the toy world needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
@@ -65,7 +67,7 @@ def test_dualtoken_keeps_the_teachers_semantics(tokenizer_results):
 def test_dualtoken_reconstructs_better_than_the_single_codebook_baseline(tokenizer_results):
     """Paper Table 3, (d) vs (a): pixel tokens from a shallow layer beat one deep codebook on reconstruction."""
     ours, single = tokenizer_results["dualtoken-tiny"], tokenizer_results["vilau-tiny"]
-    assert ours["psnr"] > single["psnr"] + 0.5
+    assert ours["psnr"] > single["psnr"] + BASELINE_GAP_DB
     assert ours["ssim"] > single["ssim"]
 
 
