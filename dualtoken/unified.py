@@ -460,6 +460,7 @@ class HeadSampler:
                 torch.stack([self._pad(w, 0.0) for w, _ in folded]),
                 torch.stack([self._pad(b, "lowest") for _, b in folded])[:, None]))
         self.code_tables = stack(lambda h: self._pad(h.code_embedding.weight.t(), 0.0).t())  # (H, K, width)
+        self.head_index = torch.arange(len(ordered), device=self.code_tables.device)[:, None]  # gathers one table each
         self.depth_embeddings = stack(lambda h: F.pad(h.depth_embedding, (0, 0, 0, self.depth - h.depth)))
 
     def _pad(self, t: Tensor, value: float | str) -> Tensor:
@@ -495,8 +496,8 @@ class HeadSampler:
             chosen.append(drawn)
             full = drawn.repeat(1, repeat // drawn.shape[1])  # (A, R): guided rows share their draws
             if use_cache:
-                index = torch.arange(active, device=full.device)[:, None]
-                inputs = (inputs[:active] if d else torch.zeros_like(inputs[:active])) + self.code_tables[index, full]
+                drawn_embeddings = self.code_tables[self.head_index[:active], full]  # (A, R, width)
+                inputs = drawn_embeddings if d == 0 else inputs[:active] + drawn_embeddings
             else:
                 codes = torch.cat([codes[:active], full[..., None]], dim=2)
         out = [torch.stack([c[j] for c in chosen[: head.depth]], dim=1) for j, head in enumerate(ordered)]
