@@ -82,6 +82,27 @@ def test_teacher_prompt_bank_and_temperature(tmp_path, presets):
     assert scale == pytest.approx(30.0, rel=1e-3)
 
 
+def test_teacher_init_continues_from_an_exported_teacher(teacher, presets, tmp_path):
+    """--init starts from the exported weights (lr 0: they stay exactly the fp16 export's values) and its tokenizer;
+    a preset of other shapes is refused with a message naming both."""
+    argv = teacher_argv(presets, tmp_path / "run", "--steps", "1", "--lr", "0", "--init", str(teacher),
+                        "--temperature", "30")
+    assert train_teacher.main(argv) == 0
+    start = Teacher.from_pretrained(teacher).state_dict()
+    trained = final_state(tmp_path / "run")["modules"]["teacher"]
+    assert trained.keys() == start.keys()
+    for name, value in start.items():
+        assert torch.equal(trained[name], value), name
+    assert final_state(tmp_path / "run")["extra"]["text_tokenizer"] == Teacher.from_pretrained(
+        teacher).text_tokenizer.backend.to_str()
+    other = tmp_path / "wide.json"
+    preset = json.loads(presets["teacher"].read_text())
+    other.write_text(json.dumps({**preset, "vision": {**preset["vision"], "intermediate_size": 2 * preset["vision"].get(
+        "intermediate_size", 64)}}))
+    with pytest.raises(ConfigError, match="does not fit --preset"):
+        train_teacher.main(teacher_argv({"teacher": other}, tmp_path / "run2", "--steps", "1", "--init", str(teacher)))
+
+
 def final_state(run_dir: Path) -> dict:
     return common.load_checkpoint_file(common.Checkpointer(run_dir).list()[-1])
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dualtoken.data import ATTRIBUTES, CATEGORIES, COLORS, TEXTURES, caption_variants
+from dualtoken.errors import ConfigError
 from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
 from dualtoken.teacher import Teacher
 from dualtoken.text import TextTokenizer
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "possible positive logit is 10 cos - 10 <= 0, and t is a single log-space scalar that AdamW "
                         "moves by about lr per step, so a short run never raises it: with several true captions per "
                         "image (--prompt-bank) the tower learnt colour and nothing else in 300 steps")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from an exported teacher (its weights and text tokenizer) instead of random weights, "
+                        "with a fresh optimizer and schedule: to continue a finished run for more steps. "
+                        "--temperature is then ignored (the logit scale comes from DIR); a resumed run ignores it")
     add_run_arguments(p, "teacher", workers_help="DataLoader workers rendering the toy world",
                       eval_help="val-split images for the held-out zero-shot (0: none)")
     return p
@@ -125,10 +130,18 @@ def main(argv: list[str] | None = None) -> int:
 
         text_tokenizer = TextTokenizer(Tokenizer.from_str(payload["extra"]["text_tokenizer"]),
                                        payload["extra"]["text_max_length"])
+    elif args.init:
+        start = Teacher.from_pretrained(args.init)
+        text_tokenizer = start.text_tokenizer
     else:
         text_tokenizer = TextTokenizer.train_word_level(caption_corpus(),
                                                         int(preset["text"]["max_position_embeddings"]))
     teacher = build_teacher(preset, text_tokenizer, args.temperature)
+    if payload is None and args.init:
+        try:
+            teacher.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            raise ConfigError(f"--init {args.init} does not fit --preset {args.preset}: {e}") from e
     optimizer = adamw([teacher], args.lr, (0.9, 0.98), args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.warmup, args.steps)
     run.track("teacher", teacher, optimizer, scheduler)
@@ -193,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                                   if bank else ""),
                        "training": f"{run.step} steps x {run.global_batch} images, AdamW lr {args.lr} "
                                    f"(warmup {args.warmup}, cosine), weight decay {args.weight_decay}, "
-                                   f"seed {args.seed}, {accelerator.num_processes} process(es)",
+                                   f"seed {args.seed}, {accelerator.num_processes} process(es)"
+                                   + (f", starting from {args.init}" if args.init else ""),
                        "reproduce": "bash training/recipes/tiny.sh (stage 1)"},
                 metrics=metrics,
             )
