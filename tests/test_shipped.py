@@ -25,7 +25,7 @@ N = 96  # test images per tokenizer
 TEACHER_BARS = {"color": 0.9, "texture": 0.65}  # chance: 0.125, 0.25 (measured on 1000 test images: RESULTS.md)
 DUALTOKEN_BARS = {"psnr": 22.0, "ssim": 0.72, "usage": 0.8, "kept": 0.85}
 BASELINE_GAP_DB = 1.5  # (d) over (a); RESULTS.md measures about 3.5 dB
-VQA_BARS = {"color": 0.85, "texture": 0.5}  # category answers are at chance after 400 steps (RESULTS.md)
+VQA_BARS = {"color": 0.85, "texture": 0.5}  # category answers are at chance (RESULTS.md)
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="the toy world needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")

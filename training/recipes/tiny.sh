@@ -9,13 +9,14 @@
 #
 # Every stage checkpoints into runs/ and is resumable: re-running this script continues an interrupted stage
 # (bitwise as if it had not stopped) and re-exports finished ones. The shipped checkpoints were made with exactly
-# these defaults (seed 0). Times measured on the 2-core development machine: teacher 62 min (2000 steps, 2 threads);
-# rows d and a side by side 14 min each (1 thread each); then the unified model (8 min to encode 20k images once,
-# 25 min of training) and its Table 4 stage (2 x 200 VQA-only steps, 5 min each) side by side with rows b and c
-# (15 min each): about 2 hours in all, which is how the shipped models were made, e.g.
+# these defaults (seed 0) and the thread counts below. Times measured on the 2-core development machine: teacher
+# 62 min (2000 steps, 2 threads); rows d and a side by side, 14 min each (1 thread each); the unified model alone
+# with 2 threads (4 min to encode 20k images once, 44 min of training); then its Table 4 stage (2 x 200 VQA-only
+# steps, 5 min each) side by side with rows b and c (15 min each): about 2.5 hours in all, run as
 #   STAGES=teacher bash training/recipes/tiny.sh
 #   STAGES=d bash training/recipes/tiny.sh & STAGES=a bash training/recipes/tiny.sh & wait
-#   STAGES="unified table4" bash training/recipes/tiny.sh & STAGES="b c" bash training/recipes/tiny.sh & wait
+#   STAGES=unified THREADS=2 bash training/recipes/tiny.sh
+#   STAGES=table4 bash training/recipes/tiny.sh & STAGES="b c" bash training/recipes/tiny.sh & wait
 # Override any budget from the environment, e.g.
 #   TEACHER_STEPS=200 TOKENIZER_STEPS=100 UNIFIED_STEPS=100 TABLE4_STEPS=50 bash training/recipes/tiny.sh
 #   RUNS=/tmp/runs ASSETS=/tmp/assets ...       # somewhere else than runs/ and assets/
@@ -26,7 +27,8 @@ cd "$(dirname "$0")/../.."
 SEED=${SEED:-0}
 TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~62 min with 2 threads
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~14 min each
-UNIFIED_STEPS=${UNIFIED_STEPS:-400}      # x 16 examples, ~31 min with the code cache
+UNIFIED_STEPS=${UNIFIED_STEPS:-1200}     # x 16 examples, ~44 min with 2 threads and the code cache (400 steps
+                                         # drew stripes of colour, 1200 draw objects: RESULTS.md)
 TABLE4_STEPS=${TABLE4_STEPS:-200}        # x 16 VQA examples, each of the two Table 4 rows
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
