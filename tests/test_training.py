@@ -88,17 +88,16 @@ def test_teacher_init_continues_from_an_exported_teacher(teacher, presets, tmp_p
     argv = teacher_argv(presets, tmp_path / "run", "--steps", "1", "--lr", "0", "--init", str(teacher),
                         "--temperature", "30")
     assert train_teacher.main(argv) == 0
-    start = Teacher.from_pretrained(teacher).state_dict()
-    trained = final_state(tmp_path / "run")["modules"]["teacher"]
-    assert trained.keys() == start.keys()
-    for name, value in start.items():
+    start, state = Teacher.from_pretrained(teacher), final_state(tmp_path / "run")
+    trained = state["modules"]["teacher"]
+    assert trained.keys() == start.state_dict().keys()
+    for name, value in start.state_dict().items():
         assert torch.equal(trained[name], value), name
-    assert final_state(tmp_path / "run")["extra"]["text_tokenizer"] == Teacher.from_pretrained(
-        teacher).text_tokenizer.backend.to_str()
+    assert state["extra"]["text_tokenizer"] == start.text_tokenizer.backend.to_str()
     other = tmp_path / "wide.json"
     preset = json.loads(presets["teacher"].read_text())
-    other.write_text(json.dumps({**preset, "vision": {**preset["vision"], "intermediate_size": 2 * preset["vision"].get(
-        "intermediate_size", 64)}}))
+    wide = {**preset["vision"], "intermediate_size": 2 * preset["vision"]["intermediate_size"]}
+    other.write_text(json.dumps({**preset, "vision": wide}))
     with pytest.raises(ConfigError, match="does not fit --preset"):
         train_teacher.main(teacher_argv({"teacher": other}, tmp_path / "run2", "--steps", "1", "--init", str(teacher)))
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from dualtoken.data import ATTRIBUTES, CATEGORIES, COLORS, TEXTURES, caption_variants
-from dualtoken.errors import ConfigError
+from dualtoken.checkpoint import WEIGHTS_FILE, check_model_dir, load_state, resolve_model_dir
+from dualtoken.errors import CheckpointError, ConfigError
 from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
 from dualtoken.teacher import Teacher
 from dualtoken.text import TextTokenizer
@@ -125,22 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     payload = run.peek(args.resume)
 
     # The vocabulary is rebuilt identically each time, but a resumed run reads it from its checkpoint anyway.
+    init = None  # the exported teacher a new run starts from (--init)
     if payload is not None:
         from tokenizers import Tokenizer
 
         text_tokenizer = TextTokenizer(Tokenizer.from_str(payload["extra"]["text_tokenizer"]),
                                        payload["extra"]["text_max_length"])
     elif args.init:
-        start = Teacher.from_pretrained(args.init)
-        text_tokenizer = start.text_tokenizer
+        init = resolve_model_dir(args.init)
+        check_model_dir(init)
+        text_tokenizer = TextTokenizer.load(init)
     else:
         text_tokenizer = TextTokenizer.train_word_level(caption_corpus(),
                                                         int(preset["text"]["max_position_embeddings"]))
     teacher = build_teacher(preset, text_tokenizer, args.temperature)
-    if payload is None and args.init:
-        try:
-            teacher.load_state_dict(start.state_dict())
-        except RuntimeError as e:
+    if init is not None:
+        try:  # the exported SiglipModel's tensors load straight into the tower the preset built
+            load_state(teacher.model, init / WEIGHTS_FILE)
+        except CheckpointError as e:
             raise ConfigError(f"--init {args.init} does not fit --preset {args.preset}: {e}") from e
     optimizer = adamw([teacher], args.lr, (0.9, 0.98), args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.warmup, args.steps)
