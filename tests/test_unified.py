@@ -15,7 +15,7 @@ from dualtoken.config import DualTokenConfig, QuantizerConfig, load_preset
 from dualtoken.errors import CheckpointError, CodesError, ConfigError
 from dualtoken.tokenizer import DualTokenizer
 from dualtoken.unified import (IGNORE, IMAGE_END, IMAGE_START, DepthHead, HeadSampler, UnifiedConfig, UnifiedExample,
-                               UnifiedModel, guide, parse_chat, sample_logits)
+                               UnifiedModel, _LlamaStyleDecoder, _LMRunner, guide, parse_chat, sample_logits)
 
 from .conftest import micro_config
 
@@ -121,6 +121,32 @@ def test_kv_cache_matches_recomputation(model, sampling):
     cached = model.generate_codes("a blue dotted star", seed=3, **sampling)
     recomputed = model.generate_codes("a blue dotted star", seed=3, use_cache=False, **sampling)
     assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[1], recomputed[1])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_decoder_steps_match_the_lms_own_forward(model_type):
+    """The hand-written decode step against transformers' forward on its own KV cache: GQA, left padding, and the
+    rotary positions of rows that start at different columns."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    spec = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=32)
+    lm = AutoModel.from_config(AutoConfig.for_model(model_type, **spec)).eval()
+    embeds, inputs = torch.randn(3, 5, 64), torch.randn(4, 3, 64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        fast = _LMRunner(lm, embeds, mask, use_cache=True, steps=len(inputs))
+        reference = _LMRunner(lm, embeds, mask, use_cache=True)  # no steps announced: transformers' own steps
+        assert fast.decoder is not None and reference.decoder is None
+        for x in inputs:
+            torch.testing.assert_close(fast.step(x), reference.step(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="buffers are full"):
+            fast.step(inputs[0])
+    # Sliding-window attention is not covered: such a LM keeps transformers' own steps.
+    windowed = AutoModel.from_config(AutoConfig.for_model("qwen2", **spec, use_sliding_window=True, sliding_window=4,
+                                                          max_window_layers=0))
+    assert not _LlamaStyleDecoder.covers(windowed)
 
 
 def test_heads_of_different_depth_and_codebook_size_sample_together():
