@@ -939,7 +939,7 @@ class UnifiedModel(nn.Module):
         if reply is None:
             yield ""  # the model ended at once: the chat still gets a (empty) reply
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _stream_reply(self, image, question: str, max_new_tokens: int, temperature: float,
                       seed: int | None) -> Iterator[str]:
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -1009,7 +1009,7 @@ class UnifiedModel(nn.Module):
         return self._sample_codes(self.format.encode(prompt, "prompt"), n, cfg_scale != 1.0, cfg_scale, temperature,
                                   top_k, top_p, seed, progress, use_cache)
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # cheaper per op than no_grad: an image is ~120,000 small ops (RESULTS.md, speed)
     def _sample_codes(self, caption: list[int], n: int, unconditional: bool, cfg_scale: float, temperature: float,
                       top_k: int | None, top_p: float | None, seed: int | None,
                       progress: Callable[[int, int], None] | None, use_cache: bool) -> tuple[Tensor, Tensor]:
