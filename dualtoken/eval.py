@@ -241,8 +241,8 @@ def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: fl
 
 
 def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, cfg_scale: float = 3.0,
-                     seed: int = 0, data: Sequence[str] = ("toy", "fmnist"),
-                     samples_out: list | None = None) -> dict[str, dict[str, float]]:
+                     seed: int = 0, data: Sequence[str] = ("toy", "fmnist"), samples_out: list | None = None,
+                     temperature: float = 1.0, top_k: int | None = None) -> dict[str, dict[str, float]]:
     """VQA on the toy-world test split and on colorized Fashion-MNIST test items; text-to-image with the teacher
     as judge (skipped without one or with t2i_prompts 0)."""
     size = model.image_tokenizer.config.image_size
@@ -255,9 +255,10 @@ def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, c
         results["fmnist-test"] = {f"vqa_{k}": v for k, v in evaluate_vqa(model, items).items()}
     if teacher is not None and t2i_prompts:
         triples = text_to_image_prompts(t2i_prompts, seed)
-        results["text-to-image"] = evaluate_text_to_image(model, teacher, triples, cfg_scale, seed=seed,
-                                                          samples_out=samples_out)
-        results["text-to-image"]["n_prompts"] = len(triples)
+        results["text-to-image"] = evaluate_text_to_image(model, teacher, triples, cfg_scale, temperature, top_k,
+                                                          seed=seed, samples_out=samples_out)
+        results["text-to-image"].update(n_prompts=len(triples), cfg_scale=cfg_scale, temperature=temperature,
+                                        top_k=top_k)
     return results
 
 
@@ -280,7 +281,9 @@ def build_unified_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="toy,fmnist", help="VQA sets: toy (toy-world test), fmnist (Fashion-MNIST test)")
     p.add_argument("--n", type=int, default=300, help="images per VQA set (each asked 3 questions)")
     p.add_argument("--t2i-prompts", type=int, default=64, help="text-to-image prompts (held-out combinations first)")
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="text-to-image classifier-free guidance")
+    p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="text-to-image: sample among the k likeliest codes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="load the LM quantized")
     p.add_argument("--contact-sheet", type=Path, default=None, help="save the generated images as one PNG grid")
@@ -293,6 +296,7 @@ def unified_main(argv: list[str] | None = None) -> int:
     args = build_unified_parser().parse_args(argv)
     from .teacher import Teacher
     from .unified import UnifiedModel
+    from .unified import _check_sampling as check_sampling
 
     try:
         if not args.model:
@@ -305,10 +309,12 @@ def unified_main(argv: list[str] | None = None) -> int:
         for spec in args.model:
             name, _, folder = spec.rpartition("=")
             model = UnifiedModel.from_pretrained(folder, quantization=args.quantization)
+            if teacher is not None and args.t2i_prompts:  # bad sampling settings fail now, not after the VQA sets
+                check_sampling(model.config, 1, args.cfg_scale, args.temperature, args.top_k, None)
             sheet: list = []
             results[name or Path(folder).name] = evaluate_unified(model, teacher, args.n, args.t2i_prompts,
                                                                   args.cfg_scale, args.seed, args.data.split(","),
-                                                                  sheet)
+                                                                  sheet, args.temperature, args.top_k)
             if args.contact_sheet and sheet:
                 path = args.contact_sheet
                 if len(args.model) > 1:

@@ -128,6 +128,17 @@ def test_unified_eval_cli(setup, tmp_path, capsys):
     assert "| tiny |" in capsys.readouterr().out
     assert evaluation.main(["unified", "--model", str(tmp_path / "m"), "--data", "toy,mnist"]) == 2
 
+    # Sampling settings reach the generator and are recorded beside the scores; bad ones fail before any VQA.
+    sharp = ["unified", "--model", str(tmp_path / "m"), "--teacher", str(tmp_path / "teacher"), "--data", "toy",
+             "--n", "1", "--t2i-prompts", "2", "--json", str(tmp_path / "sharp.json")]
+    assert evaluation.main(sharp + ["--temperature", "0.7", "--top-k", "5"]) == 0
+    settings = json.loads((tmp_path / "sharp.json").read_text())["m"]["text-to-image"]
+    assert (settings["temperature"], settings["top_k"], settings["cfg_scale"]) == (0.7, 5, 3.0)
+    assert results["text-to-image"]["temperature"] == 1.0 and results["text-to-image"]["top_k"] is None
+    capsys.readouterr()
+    assert evaluation.main(sharp + ["--top-k", "0"]) == 2
+    assert "top_k" in capsys.readouterr().err
+
 
 def test_code_cache_is_shared_and_rebuilt_for_another_tokenizer(setup, tmp_path):
     from dualtoken.tokenizer import DualTokenizer
