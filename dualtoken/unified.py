@@ -636,11 +636,16 @@ class _LlamaStyleDecoder:
     """
 
     MODEL_TYPES = ("qwen2", "llama")
+    # Rotary scalings whose tables depend only on the position; "dynamic" and "longrope" rescale with the sequence
+    # length seen so far, which the tables built once here would not follow.
+    ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
     @classmethod
     def covers(cls, lm: nn.Module) -> bool:
         config = lm.config
+        rope = getattr(config, "rope_parameters", None) or {}
         return (config.model_type in cls.MODEL_TYPES
+                and rope.get("rope_type", "default") in cls.ROPE_TYPES
                 and getattr(config, "_attn_implementation", "sdpa") == "sdpa"
                 and not getattr(config, "use_sliding_window", False)
                 and all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ()))

@@ -147,6 +147,9 @@ def test_decoder_steps_match_the_lms_own_forward(model_type):
     windowed = AutoModel.from_config(AutoConfig.for_model("qwen2", **spec, use_sliding_window=True, sliding_window=4,
                                                           max_window_layers=0))
     assert not _LlamaStyleDecoder.covers(windowed)
+    dynamic = AutoModel.from_config(AutoConfig.for_model(
+        "llama", **spec, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}))
+    assert _LlamaStyleDecoder.covers(lm) and not _LlamaStyleDecoder.covers(dynamic)
 
 
 def test_heads_of_different_depth_and_codebook_size_sample_together():
