@@ -19,7 +19,7 @@ from PIL import Image
 from dualtoken.errors import CheckpointError, ConfigError
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
-from training import common, losses, train_teacher, train_tokenizer
+from training import common, losses, probe_category, train_teacher, train_tokenizer
 
 from .conftest import TINY_TEXT, TINY_VISION
 
@@ -54,6 +54,21 @@ def presets(tmp_path_factory) -> dict[str, Path]:
 def teacher_argv(presets, out, *extra) -> list[str]:
     return ["--preset", str(presets["teacher"]), "--data", "toy-shapes", "--batch-size", "8", "--workers", "0",
             "--warmup", "1", "--log-every", "1", "--save-every", "2", "--eval-size", "0", "--out", str(out), *extra]
+
+
+def test_category_probe_reports_a_held_out_curve(presets, tmp_path, capsys):
+    """The supervised shape probe through its entry point: a curve of held-out accuracy, and a clear error for a
+    patch that does not tile the image."""
+    argv = ["--preset", str(presets["teacher"]), "--data", "toy-shapes", "--train-size", "64", "--steps", "4",
+            "--batch-size", "8", "--warmup", "1", "--eval-every", "2", "--eval-size", "12", "--lr", "3e-3",
+            "--json", str(tmp_path / "curve.json")]
+    assert probe_category.main(argv) == 0
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [c["step"] for c in curve] == [2, 4]
+    assert all(0.0 <= c["val_category"] <= 1.0 and c["loss"] > 0 for c in curve)
+    assert "held-out category" in capsys.readouterr().out
+    assert probe_category.main(argv + ["--patch-size", "5"]) == 2
+    assert "does not divide" in capsys.readouterr().err
 
 
 def tokenizer_argv(teacher, presets, out, row="d", preset="dual", *extra) -> list[str]:
