@@ -26,7 +26,7 @@ from torch import nn
 
 from dualtoken.errors import DualTokenError
 from dualtoken.teacher import Teacher
-from training.common import images_to_tensor, load_preset_arg, toy_world
+from training.common import images_to_tensor, load_preset_arg, toy_eval_set, toy_world
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,14 +60,14 @@ def probe(args) -> list[dict]:
     torch.manual_seed(args.seed)
     tower = Teacher.from_towers(vision_config, preset["text"]).vision
     size = vision_config["image_size"]
-    train, val = toy_world("train", args.train_size, size, args.data), toy_world("val", args.eval_size, size, args.data)
-    vocab = sorted(set(train.categories))
+    train = toy_world("train", args.train_size, size, args.data)
+    vocab = sorted(train.categories)
     head = nn.Linear(tower.config.hidden_size, len(vocab))
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    held_out = [val[i] for i in range(args.eval_size)]
-    val_x = images_to_tensor([s.image for s in held_out], size)
-    val_y = torch.tensor([vocab.index(s.category) for s in held_out])
+    held_out = toy_eval_set(args.eval_size, size, args.data)
+    val_x = images_to_tensor(held_out.images, size)
+    val_y = torch.tensor([vocab.index(c) for c in held_out.labels["category"]])
     rng = np.random.default_rng(args.seed)
 
     def accuracy() -> float:
