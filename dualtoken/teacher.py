@@ -116,6 +116,12 @@ class Teacher(nn.Module):
             raise CheckpointError("this teacher has no text tokenizer")
         return self.text_embeds_from_ids(self.text_tokenizer(texts).to(self.device))
 
+    def pair_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (images, texts) logits of the sigmoid loss: scaled cosine plus the learnt bias."""
+        img = self.image_embeds(pixel_values)  # (B, D), unit norm
+        txt = self.text_embeds_from_ids(input_ids)  # (T, D), unit norm
+        return img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, T)
+
     def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      positives: torch.Tensor | None = None) -> torch.Tensor:
         """SigLIP's pairwise sigmoid loss: each image-caption pair is a binary classification (Zhai et al. 2023).
@@ -123,10 +129,13 @@ class Teacher(nn.Module):
         ``positives[i, j]`` says whether caption j is true of image i (a partial caption such as "a red object" is
         true of every red image); by default, pairs with identical captions are the positives.
         """
-        img = self.image_embeds(pixel_values)  # (B, D), unit norm
-        txt = self.text_embeds_from_ids(input_ids)  # (B, D), unit norm
-        logits = img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, B)
+        logits = self.pair_logits(pixel_values, input_ids)
         if positives is None:
             positives = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
-        labels = positives.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(labels * logits).sum() / len(img)
+        return pairwise_sigmoid_loss(logits, positives)
+
+
+def pairwise_sigmoid_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss on (images, texts) logits: -sum log sigmoid(+-logit) over all pairs, per image."""
+    labels = positives.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(labels * logits).sum() / len(logits)

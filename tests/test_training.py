@@ -10,14 +10,16 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from dualtoken.errors import CheckpointError, ConfigError
-from dualtoken.teacher import Teacher
+from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.tokenizer import DualTokenizer
 from training import common, losses, probe_category, train_teacher, train_tokenizer
 
@@ -95,6 +97,27 @@ def test_teacher_prompt_bank_and_temperature(tmp_path, presets):
     assert train_teacher.main(argv) == 0
     scale = final_state(tmp_path / "run")["modules"]["teacher"]["model.logit_scale"].exp().item()
     assert scale == pytest.approx(30.0, rel=1e-3)
+
+
+def test_teacher_category_loss_adds_cross_entropy_over_the_category_columns(tmp_path, presets):
+    """--category-loss W adds W x softmax cross-entropy over the bank's category columns (target: the one true
+    category), on top of the unchanged sigmoid loss; without --prompt-bank there are no such columns to score."""
+    logits = torch.randn(3, 7)
+    positives = torch.zeros(3, 7, dtype=torch.bool)
+    positives[[0, 1, 2], [0, 1, 2]] = True  # each image's own caption
+    positives[[0, 1, 2], [4, 6, 4]] = True  # its category among the last three columns (the bank's)
+    fake = SimpleNamespace(pair_logits=lambda x, ids: logits)
+    plain = train_teacher.SigmoidObjective.forward(SimpleNamespace(teacher=fake, category_weight=0.0), None, None,
+                                                   positives)
+    assert plain == pytest.approx(pairwise_sigmoid_loss(logits, positives).item())
+    weighted = train_teacher.SigmoidObjective.forward(
+        SimpleNamespace(teacher=fake, category_weight=2.0, category_columns=[-3, -2, -1]), None, None, positives)
+    expected = plain + 2.0 * F.cross_entropy(logits[:, 4:], torch.tensor([0, 2, 0]))
+    assert weighted == pytest.approx(expected.item())
+    assert train_teacher.main(teacher_argv(presets, tmp_path / "run", "--steps", "1", "--prompt-bank",
+                                           "--category-loss", "1")) == 0
+    with pytest.raises(ConfigError, match="--prompt-bank"):
+        train_teacher.main(teacher_argv(presets, tmp_path / "run2", "--steps", "1", "--category-loss", "1"))
 
 
 def test_teacher_init_continues_from_an_exported_teacher(teacher, presets, tmp_path):

@@ -26,6 +26,7 @@ cd "$(dirname "$0")/../.."
 
 SEED=${SEED:-0}
 TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~62 min with 2 threads
+CATEGORY_LOSS=${CATEGORY_LOSS:-1}         # weight of the teacher's category cross-entropy (0: sigmoid loss only)
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~14 min each
 UNIFIED_STEPS=${UNIFIED_STEPS:-1200}     # x 16 examples, ~44 min with 2 threads and the code cache (400 steps
                                          # drew stripes of colour, 1200 draw objects: RESULTS.md)
@@ -48,15 +49,15 @@ STAGES=${STAGES:-"teacher d a unified b c table4"}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # Teacher: half of the captions are the category-only partial caption, every step also scores the 28
-# single-attribute captions (--prompt-bank), and the sigmoid loss starts at temperature 30 (see train_teacher.py
-# --help for why each). The from-scratch ViT learns colour within a few hundred steps, texture over the first
-# thousand (0.40 at step 300, 0.82 at 2000 on val) and category only at the very end (0.12 at 2000, chance 0.06):
-# its data hunger, not the loss (a supervised probe of the same tower stayed near chance too). RESULTS.md has the
-# trajectory.
+# single-attribute captions (--prompt-bank), the sigmoid loss starts at temperature 30, and a cross-entropy over the
+# bank's 16 category captions sits beside it (see train_teacher.py --help for why each). With the sigmoid loss
+# alone the from-scratch ViT learnt colour within a few hundred steps, texture over the first thousand (0.82 at
+# 2000 on val) and category hardly at all (0.12 at 2000, chance 0.06), although the same tower trained on category
+# alone learns it (training/probe_category.py). RESULTS.md has both trajectories.
 if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
     --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
-    --category-caption-rate 0.5 --prompt-bank --temperature 30 \
+    --category-caption-rate 0.5 --prompt-bank --temperature 30 --category-loss "$CATEGORY_LOSS" \
     --save-every "${SAVE_EVERY:-50}" --log-every 10 --eval-size "$EVAL_SIZE" --workers "$WORKERS" \
     --out "$RUNS/teacher-tiny" --resume --export "$TEACHER"
 fi
