@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from dualtoken.errors import DualTokenError
 from dualtoken.teacher import Teacher
-from training.common import images_to_tensor, load_preset_arg, toy_eval_set, toy_world
+from training.common import adamw, images_to_tensor, load_preset_arg, toy_eval_set, toy_world, warmup_cosine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +63,8 @@ def probe(args) -> list[dict]:
     vocab = sorted(train.categories)
     head = nn.Linear(tower.config.hidden_size, len(vocab))
     params = list(tower.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    optimizer = adamw([tower, head], args.lr, (0.9, 0.999), weight_decay=0.05)
+    scheduler = warmup_cosine(optimizer, args.warmup, args.steps)  # the trainers' optimizer and schedule
     held_out = toy_eval_set(args.eval_size, size, args.data)
     val_x = images_to_tensor(held_out.images, size)
     val_y = torch.tensor([vocab.index(c) for c in held_out.labels["category"]])
@@ -82,14 +82,12 @@ def probe(args) -> list[dict]:
         batch = [train[int(i)] for i in rng.integers(0, len(train), args.batch_size)]
         x = images_to_tensor([s.image for s in batch], size)
         y = torch.tensor([vocab.index(s.category) for s in batch])
-        scale = min(1.0, step / max(args.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * scale
         loss = F.cross_entropy(head(tower(pixel_values=x).pooler_output), y)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "loss": round(loss.item(), 4), "val_category": accuracy()})
             print(f"step {step:5d}  loss {loss.item():.3f}  held-out category {curve[-1]['val_category']:.3f}  "
