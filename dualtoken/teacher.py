@@ -116,11 +116,9 @@ class Teacher(nn.Module):
             raise CheckpointError("this teacher has no text tokenizer")
         return self.text_embeds_from_ids(self.text_tokenizer(texts).to(self.device))
 
-    def pair_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The (images, texts) logits of the sigmoid loss: scaled cosine plus the learnt bias."""
-        img = self.image_embeds(pixel_values)  # (B, D), unit norm
-        txt = self.text_embeds_from_ids(input_ids)  # (T, D), unit norm
-        return img @ txt.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, T)
+    def pair_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The (images, texts) logits of the sigmoid loss from unit-norm embeddings: scaled cosine + learnt bias."""
+        return image_embeds @ text_embeds.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, T)
 
     def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                      positives: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,7 +127,7 @@ class Teacher(nn.Module):
         ``positives[i, j]`` says whether caption j is true of image i (a partial caption such as "a red object" is
         true of every red image); by default, pairs with identical captions are the positives.
         """
-        logits = self.pair_logits(pixel_values, input_ids)
+        logits = self.pair_logits(self.image_embeds(pixel_values), self.text_embeds_from_ids(input_ids))
         if positives is None:
             positives = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
         return pairwise_sigmoid_loss(logits, positives)

@@ -99,23 +99,37 @@ def test_teacher_prompt_bank_and_temperature(tmp_path, presets):
     assert scale == pytest.approx(30.0, rel=1e-3)
 
 
-def test_teacher_category_loss_adds_cross_entropy_over_the_category_columns(tmp_path, presets):
-    """--category-loss W adds W x softmax cross-entropy over the bank's category columns (target: the one true
-    category), on top of the unchanged sigmoid loss; without --prompt-bank there are no such columns to score."""
-    logits = torch.randn(3, 7)
+def test_teacher_category_terms_add_cross_entropies(tmp_path, presets):
+    """--category-loss W adds W x softmax cross-entropy over the bank's category columns, --category-head V adds
+    V x cross-entropy of a linear head on the pooled output, both on top of the unchanged sigmoid loss. The head is
+    checkpointed (a resumed run continues it) but not exported; --category-loss needs --prompt-bank's columns."""
+    logits, pooled = torch.randn(3, 7), torch.randn(3, 5)
     positives = torch.zeros(3, 7, dtype=torch.bool)
     positives[[0, 1, 2], [0, 1, 2]] = True  # each image's own caption
     positives[[0, 1, 2], [4, 6, 4]] = True  # its category among the last three columns (the bank's)
-    fake = SimpleNamespace(pair_logits=lambda x, ids: logits)
-    plain = train_teacher.SigmoidObjective.forward(SimpleNamespace(teacher=fake, category_weight=0.0), None, None,
-                                                   positives)
-    assert plain == pytest.approx(pairwise_sigmoid_loss(logits, positives).item())
-    weighted = train_teacher.SigmoidObjective.forward(
-        SimpleNamespace(teacher=fake, category_weight=2.0, category_columns=[-3, -2, -1]), None, None, positives)
-    expected = plain + 2.0 * F.cross_entropy(logits[:, 4:], torch.tensor([0, 2, 0]))
-    assert weighted == pytest.approx(expected.item())
-    assert train_teacher.main(teacher_argv(presets, tmp_path / "run", "--steps", "1", "--prompt-bank",
-                                           "--category-loss", "1")) == 0
+    categories = torch.tensor([0, 2, 0])
+    fake = SimpleNamespace(vision=lambda pixel_values: SimpleNamespace(pooler_output=pooled),
+                           text_embeds_from_ids=lambda ids: None, pair_logits=lambda img, txt: logits)
+    head = torch.nn.Linear(5, 3)
+
+    def objective(category_weight, head_weight):
+        return train_teacher.SigmoidObjective.forward(
+            SimpleNamespace(teacher=fake, category_columns=[-3, -2, -1], category_weight=category_weight,
+                            category_head=head, head_weight=head_weight), None, None, positives, categories).item()
+
+    plain = pairwise_sigmoid_loss(logits, positives).item()
+    assert objective(0.0, 0.0) == pytest.approx(plain)
+    columns = F.cross_entropy(logits[:, 4:], categories).item()
+    assert objective(2.0, 0.0) == pytest.approx(plain + 2.0 * columns)
+    head_ce = F.cross_entropy(head(pooled), categories).item()
+    assert objective(2.0, 0.5) == pytest.approx(plain + 2.0 * columns + 0.5 * head_ce)
+
+    argv = teacher_argv(presets, tmp_path / "run", "--steps", "1", "--prompt-bank", "--category-loss", "1",
+                        "--category-head", "1", "--export", str(tmp_path / "export"))
+    assert train_teacher.main(argv) == 0
+    assert final_state(tmp_path / "run")["modules"]["category_head"]["weight"].shape == (16, TINY_VISION["hidden_size"])
+    exported = Teacher.from_pretrained(tmp_path / "export").state_dict()
+    assert not any("category_head" in k for k in exported)
     with pytest.raises(ConfigError, match="--prompt-bank"):
         train_teacher.main(teacher_argv(presets, tmp_path / "run2", "--steps", "1", "--category-loss", "1"))
 

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the shape knowledge pretrained SigLIP brings. The sigmoid loss alone spent a 2000-step "
                         "tower on colour and texture and left category at 0.12, where the same tower trained on "
                         "category alone reached 0.28-0.45 (RESULTS.md)")
+    p.add_argument("--category-head", type=float, default=0.0, metavar="W",
+                   help="weight of a cross-entropy through a linear category classifier on the pooled image output "
+                        "(trained alongside, not exported). Unlike --category-loss it does not depend on the text "
+                        "tower: in a run with --category-loss 1 alone the 16 category prompts' text embeddings had "
+                        "collapsed (mean cosine 0.999) by step 850 and that cross-entropy sat at ln 16, since images "
+                        "without shape features give the text side nothing to separate")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from an exported teacher (its weights and text tokenizer) instead of random weights, "
                         "with a fresh optimizer and schedule: to continue a finished run for more steps. "
@@ -105,24 +111,31 @@ class SigmoidObjective(nn.Module):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) as a module, so DDP sees it as the forward.
 
     ``positives[i, j]`` says whether caption j is true of image i: a partial caption ("a red object") is true of
-    every red image in the batch, not only of the image it was drawn for. With ``category_columns`` (the texts that
-    are the category prompts, one true per image) and ``category_weight`` > 0, a softmax cross-entropy over those
-    columns is added: the category zero-shot classifier trained directly.
+    every red image in the batch, not only of the image it was drawn for. Two optional category terms, each a
+    softmax cross-entropy against ``categories`` (B,), are added with their weights: over ``category_columns`` (the
+    texts that are the category prompts: the zero-shot classifier itself), and through ``category_head``, a linear
+    classifier on the pooled image output that is trained here and not exported.
     """
 
-    def __init__(self, teacher: Teacher, category_columns: list[int] | None = None, category_weight: float = 0.0):
+    def __init__(self, teacher: Teacher, category_columns: list[int] | None = None, category_weight: float = 0.0,
+                 category_head: nn.Module | None = None, head_weight: float = 0.0):
         super().__init__()
         self.teacher = teacher
         self.category_columns = list(category_columns or [])
         self.category_weight = category_weight
+        self.category_head = category_head
+        self.head_weight = head_weight
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        logits = self.teacher.pair_logits(pixel_values, input_ids)
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, positives: torch.Tensor,
+                categories: torch.Tensor) -> torch.Tensor:
+        pooled = self.teacher.vision(pixel_values=pixel_values).pooler_output
+        text = self.teacher.text_embeds_from_ids(input_ids)
+        logits = self.teacher.pair_logits(F.normalize(pooled, dim=-1), text)
         loss = pairwise_sigmoid_loss(logits, positives)
-        if self.category_weight > 0:
-            columns = logits[:, self.category_columns]  # the shared bias cancels in the softmax
-            target = positives[:, self.category_columns].float().argmax(-1)
-            loss = loss + self.category_weight * F.cross_entropy(columns, target)
+        if self.category_weight > 0:  # the shared bias cancels in the softmax
+            loss = loss + self.category_weight * F.cross_entropy(logits[:, self.category_columns], categories)
+        if self.head_weight > 0:
+            loss = loss + self.head_weight * F.cross_entropy(self.category_head(pooled), categories)
         return loss
 
 
@@ -164,17 +177,21 @@ def main(argv: list[str] | None = None) -> int:
             load_state(teacher.model, init / WEIGHTS_FILE)
         except CheckpointError as e:
             raise ConfigError(f"--init {args.init} does not fit --preset {args.preset}: {e}") from e
-    optimizer = adamw([teacher], args.lr, (0.9, 0.98), args.weight_decay)
+    head = nn.Linear(teacher.vision.config.hidden_size, len(CATEGORIES)) if args.category_head > 0 else None
+    optimizer = adamw([teacher] + ([head] if head else []), args.lr, (0.9, 0.98), args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.warmup, args.steps)
     run.track("teacher", teacher, optimizer, scheduler)
+    if head is not None:
+        run.track("category_head", head)
     run.extra_state.update(text_tokenizer=text_tokenizer.backend.to_str(), text_max_length=text_tokenizer.max_length)
     if payload is not None:
         run.restore(payload)
     bank = attribute_prompts() if args.prompt_bank else []
-    category_prompts = {ZERO_SHOT_PROMPTS["category"](k) for k in CATEGORIES}
-    # counted from the end: the bank follows the batch's captions, whatever the batch's length
-    category_columns = [i - len(bank) for i, text in enumerate(bank) if text in category_prompts]
-    objective = accelerator.prepare(SigmoidObjective(teacher, category_columns, args.category_loss))
+    category_prompts = [ZERO_SHOT_PROMPTS["category"](k) for k in CATEGORIES]
+    # counted from the end: the bank follows the batch's captions, whatever the batch's length; in CATEGORIES order
+    category_columns = [bank.index(text) - len(bank) for text in category_prompts] if bank else []
+    objective = accelerator.prepare(SigmoidObjective(teacher, category_columns, args.category_loss, head,
+                                                     args.category_head))
 
     world = toy_world("train", args.train_size, image_size, args.data)
     data = batches(world, batch_size=args.batch_size, seed=args.seed, samples_seen=run.samples_seen,
@@ -191,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         texts = captions + bank  # the bank's columns give each image its attributes at every step
         positives = torch.tensor([[c in v for c in texts] for v in variants], device=device)  # (B, B + bank)
         ids = text_tokenizer(texts).to(device)
+        categories = torch.tensor([category_prompts.index(v[CATEGORY_VARIANT]) for v in variants], device=device)
         with accelerator.autocast():
-            loss = objective(x, ids, positives)
+            loss = objective(x, ids, positives, categories)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if args.grad_clip > 0:
@@ -233,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                                    f"(warmup {args.warmup}, cosine), weight decay {args.weight_decay}, "
                                    f"seed {args.seed}, {accelerator.num_processes} process(es)"
                                    + (f", starting from {args.init}" if args.init else "")
-                                   + (f"; loss: sigmoid + {args.category_loss} x cross-entropy over the 16 category "
-                                      "captions" if args.category_loss > 0 else "; loss: sigmoid"),
+                                   + "; loss: sigmoid"
+                                   + (f" + {args.category_loss} x cross-entropy over the 16 category captions"
+                                      if args.category_loss > 0 else "")
+                                   + (f" + {args.category_head} x cross-entropy of a linear category head on the "
+                                      "pooled output (not exported)" if args.category_head > 0 else ""),
                        "reproduce": "bash training/recipes/tiny.sh (stage 1)"},
                 metrics=metrics,
             )
