@@ -296,7 +296,7 @@ def unified_main(argv: list[str] | None = None) -> int:
     args = build_unified_parser().parse_args(argv)
     from .teacher import Teacher
     from .unified import UnifiedModel
-    from .unified import _check_sampling as check_sampling
+    from .unified import check_sampling
 
     try:
         if not args.model:

@@ -120,20 +120,10 @@ class Teacher(nn.Module):
         """The (images, texts) logits of the sigmoid loss from unit-norm embeddings: scaled cosine + learnt bias."""
         return image_embeds @ text_embeds.t() * self.model.logit_scale.exp() + self.model.logit_bias  # (B, T)
 
-    def sigmoid_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                     positives: torch.Tensor | None = None) -> torch.Tensor:
-        """SigLIP's pairwise sigmoid loss: each image-caption pair is a binary classification (Zhai et al. 2023).
-
-        ``positives[i, j]`` says whether caption j is true of image i (a partial caption such as "a red object" is
-        true of every red image); by default, pairs with identical captions are the positives.
-        """
-        logits = self.pair_logits(self.image_embeds(pixel_values), self.text_embeds_from_ids(input_ids))
-        if positives is None:
-            positives = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
-        return pairwise_sigmoid_loss(logits, positives)
-
 
 def pairwise_sigmoid_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """SigLIP's loss on (images, texts) logits: -sum log sigmoid(+-logit) over all pairs, per image."""
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) on (images, texts) logits (``Teacher.pair_logits``): each
+    pair is a binary classification, -sum log sigmoid(+-logit) per image. ``positives[i, j]`` says whether text j is
+    true of image i (a partial caption such as "a red object" is true of every red image)."""
     labels = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(labels * logits).sum() / len(logits)

@@ -1010,7 +1010,7 @@ class UnifiedModel(nn.Module):
         instead and gives the same codes). The same ``seed`` gives the same codes.
         ``progress(done_positions, total_positions)`` is called after each position.
         """
-        _check_sampling(self.config, n, cfg_scale, temperature, top_k, top_p)
+        check_sampling(self.config, n, cfg_scale, temperature, top_k, top_p)
         return self._sample_codes(self.format.encode(prompt, "prompt"), n, cfg_scale != 1.0, cfg_scale, temperature,
                                   top_k, top_p, seed, progress, use_cache)
 
@@ -1069,7 +1069,7 @@ def _check_temperature(temperature: float) -> None:
         raise ConfigError(f"temperature must lie in [0, {MAX_TEMPERATURE}], got {temperature}")
 
 
-def _check_sampling(config: UnifiedConfig, n: int, cfg_scale: float, temperature: float, top_k: int | None,
+def check_sampling(config: UnifiedConfig, n: int, cfg_scale: float, temperature: float, top_k: int | None,
                     top_p: float | None) -> None:
     if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
         raise ConfigError(f"n must be an integer in [1, {MAX_IMAGES}], got {n}")
