@@ -1070,7 +1070,9 @@ def _check_temperature(temperature: float) -> None:
 
 
 def check_sampling(config: UnifiedConfig, n: int, cfg_scale: float, temperature: float, top_k: int | None,
-                    top_p: float | None) -> None:
+                   top_p: float | None) -> None:
+    """Raise ConfigError naming the first text-to-image sampling setting out of range (``generate_codes`` and
+    ``dualtoken.eval unified`` check before any work)."""
     if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
         raise ConfigError(f"n must be an integer in [1, {MAX_IMAGES}], got {n}")
     if not CFG_RANGE[0] <= cfg_scale <= CFG_RANGE[1]:
