@@ -152,6 +152,21 @@ def test_decoder_steps_match_the_lms_own_forward(model_type):
     assert _LlamaStyleDecoder.covers(lm) and not _LlamaStyleDecoder.covers(dynamic)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_rms_norm_equals_the_lms_module(dtype):
+    """The decode step's RMSNorm (fused in fp32, op for op otherwise) gives the module's values bit for bit."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from dualtoken.unified import _rms_norm
+
+    torch.manual_seed(0)
+    norm = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+    norm.weight.data = torch.randn(64).to(dtype)
+    for scale in (1e-3, 1.0, 1e3):
+        x = (torch.randn(8, 3, 64) * scale).to(dtype)
+        assert torch.equal(_rms_norm(norm, x), norm(x))
+
+
 def test_heads_of_different_depth_and_codebook_size_sample_together():
     """The shipped heads differ in depth (pixel 8, semantic 4); a codebook size may differ too. Sampling both
     together must give the cached and recomputed paths the same codes, each head its own depth, and never a code
