@@ -101,5 +101,6 @@ class TextTokenizer:
 
             backend = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # transformers raises several types for a folder without tokenizer files
-            raise CheckpointError(f"no text tokenizer in {folder} ({TOKENIZER_FILE} or a transformers tokenizer)") from e
+            raise CheckpointError(
+                f"no text tokenizer in {folder} ({TOKENIZER_FILE} or a transformers tokenizer)") from e
         return cls(backend, max_length or 64)

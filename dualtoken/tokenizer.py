@@ -111,7 +111,8 @@ class DualTokenizer(nn.Module):
         return cls(DualTokenConfig.from_preset(name, **overrides))
 
     @classmethod
-    def from_siglip(cls, name_or_path: str | Path, preset: str = "siglip-so400m-384-rvq8", **overrides) -> "DualTokenizer":
+    def from_siglip(cls, name_or_path: str | Path, preset: str = "siglip-so400m-384-rvq8",
+                    **overrides) -> "DualTokenizer":
         """A tokenizer whose tower (and text tower, if the checkpoint has one) starts from SigLIP weights.
 
         ``name_or_path`` is a folder saved by ``transformers`` (``SiglipModel`` or ``SiglipVisionModel``), or a Hub
@@ -181,7 +182,8 @@ class DualTokenizer(nn.Module):
 
     # -- pre/post-processing --------------------------------------------------------------------------------
     def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images of any mode and size -> (B, 3, S, S) normalized tensor (short-side bicubic resize + centre crop)."""
+        """PIL images of any mode and size -> (B, 3, S, S) normalized tensor (short-side bicubic resize and centre
+        crop)."""
         if isinstance(images, Image.Image):
             images = [images]
         if len(images) == 0:

@@ -574,8 +574,9 @@ def _tile(t: Tensor, times: int, dim: int) -> Tensor:
 
 
 def guide(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance, uncond + scale * (cond - uncond), written so that scale 1 gives cond exactly."""
-    return torch.lerp(uncond, cond, scale)  # one op; lerp computes cond - (cond - uncond) * (1 - scale) for scale >= 0.5
+    """Classifier-free guidance, uncond + scale * (cond - uncond), in one op. For scale >= 0.5 lerp computes it as
+    cond - (cond - uncond) * (1 - scale), so scale 1 gives cond exactly."""
+    return torch.lerp(uncond, cond, scale)
 
 
 def sample_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -29,9 +29,9 @@ from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
 from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.text import TextTokenizer
 
-from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, images_to_tensor, load_preset_arg,
-                             logger, make_accelerator, model_card, seed_everything, toy_eval_set, toy_world,
-                             warmup_cosine)
+from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, images_to_tensor,
+                             load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_eval_set,
+                             toy_world, warmup_cosine)
 
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",

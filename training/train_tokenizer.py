@@ -30,8 +30,9 @@ from dualtoken.eval import evaluate_tokenizer
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
 
-from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, load_preset_arg, logger, make_accelerator,
-                             model_card, pil_images, seed_everything, toy_eval_set, toy_world, warmup_cosine)
+from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, load_preset_arg, logger,
+                             make_accelerator, model_card, pil_images, seed_everything, toy_eval_set, toy_world,
+                             warmup_cosine)
 from training.losses import (LossWeights, LPIPSVGG, PatchDiscriminator, TeacherPerceptualLoss, adaptive_gan_weight,
                              hinge_d_loss, hinge_g_loss, semantic_loss)
 

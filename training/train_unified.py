@@ -32,7 +32,8 @@ from dualtoken.tokenizer import DualTokenizer
 from dualtoken.unified import TASKS, UnifiedExample, UnifiedModel
 
 from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, atomic_torch_save, batches,
-                             load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_world, warmup_cosine)
+                             load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_world,
+                             warmup_cosine)
 
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
            "threads", "encode_batch", "codes")
