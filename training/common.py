@@ -594,6 +594,15 @@ def images_to_tensor(images: list, image_size: int, device: torch.device | str =
     return x / 127.5 - 1.0
 
 
+def export_fp16(model: nn.Module, folder: str | Path | None, device: torch.device | str) -> nn.Module:
+    """Save ``model`` to ``folder`` in fp16 and return it loaded back, so that the held-out metrics on the model card
+    measure what ships; without a folder, ``model`` itself."""
+    if not folder:
+        return model
+    model.save_pretrained(folder, dtype=torch.float16)
+    return type(model).from_pretrained(folder, device=device)
+
+
 def model_card(title: str, summary: str, facts: dict[str, str], metrics: dict[str, float]) -> str:
     """A short README.md for an exported model: what it is, how it was trained, what it measures."""
     lines = [f"# {title}", "", summary, ""]

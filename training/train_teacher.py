@@ -29,9 +29,9 @@ from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
 from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.text import TextTokenizer
 
-from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, images_to_tensor,
-                             load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_eval_set,
-                             toy_world, warmup_cosine)
+from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16,
+                             images_to_tensor, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
+                             toy_eval_set, toy_world, warmup_cosine)
 
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
@@ -226,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         teacher.eval()
-        shipped = teacher
-        if args.export:
-            teacher.save_pretrained(args.export, dtype=torch.float16)
-            shipped = Teacher.from_pretrained(args.export, device=device)  # measure what ships
+        shipped = export_fp16(teacher, args.export, device)
         metrics = {}
         if args.eval_size > 0:
             val = toy_eval_set(args.eval_size, image_size, args.data)

@@ -30,8 +30,8 @@ from dualtoken.eval import evaluate_tokenizer
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
 
-from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, batches, load_preset_arg, logger,
-                             make_accelerator, model_card, pil_images, seed_everything, toy_eval_set, toy_world,
+from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16, load_preset_arg,
+                             logger, make_accelerator, model_card, pil_images, seed_everything, toy_eval_set, toy_world,
                              warmup_cosine)
 from training.losses import (LossWeights, LPIPSVGG, PatchDiscriminator, TeacherPerceptualLoss, adaptive_gan_weight,
                              hinge_d_loss, hinge_g_loss, semantic_loss)
@@ -241,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         tokenizer.eval()
-        shipped = tokenizer
-        if args.export:
-            tokenizer.save_pretrained(args.export, dtype=torch.float16)
-            shipped = DualTokenizer.from_pretrained(args.export, device=device)  # measure what ships
+        shipped = export_fp16(tokenizer, args.export, device)
         metrics = _held_out_metrics(shipped, teacher, args, cfg.image_size) if args.eval_size > 0 else {}
         if metrics:
             logger.info("held-out (val): %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

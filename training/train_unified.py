@@ -31,9 +31,9 @@ from dualtoken.eval import evaluate_vqa, toy_vqa_set
 from dualtoken.tokenizer import DualTokenizer
 from dualtoken.unified import TASKS, UnifiedExample, UnifiedModel
 
-from training.common import (LoopSettings, TrainingRun, add_run_arguments, adamw, atomic_torch_save, batches,
-                             load_preset_arg, logger, make_accelerator, model_card, seed_everything, toy_world,
-                             warmup_cosine)
+from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save, batches,
+                             export_fp16, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
+                             toy_world, warmup_cosine)
 
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
            "threads", "encode_batch", "codes")
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if accelerator.is_main_process:
         model.eval()
-        shipped = model
-        if args.export:
-            model.save_pretrained(args.export, dtype=torch.float16)
-            shipped = UnifiedModel.from_pretrained(args.export, device=device)  # measure what ships
+        shipped = export_fp16(model, args.export, device)
         metrics = {}
         if args.eval_size > 0 and ("vqa" in tasks):
             val = toy_vqa_set("val", args.eval_size, tokenizer.config.image_size, args.data)
