@@ -3,7 +3,9 @@
 Reconstruction: PSNR, SSIM and rFD, the Frechet distance of the teacher's pooled features between originals and
 reconstructions (a stand-in for rFID, labelled as such; true rFID with ``--inception-weights``).
 Semantics: zero-shot top-1 for category, color and texture, image->text and text->image retrieval R@1, for the
-tokenizer (through its quantized semantic path) and for the teacher, and the share of the teacher's score kept.
+tokenizer (through its quantized semantic path) and for the teacher, and the share of the teacher's score kept;
+with ``--linear-probe N``, also a logistic-regression probe per attribute fitted on N toy-world train images, which
+reads what the image features hold whether or not the text side can name it.
 Codebooks: usage and perplexity of each branch. All on held-out data only: the toy-world test split, the
 Fashion-MNIST test split, and the natural photos no model is trained on (reconstruction only).
 
@@ -59,6 +61,12 @@ def natural_set() -> EvalSet:
     return EvalSet("natural", list(photos.values()), None, None)
 
 
+def probe_train_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    """Toy-world *train* images to fit linear probes on (never scored: probes are scored on the held-out sets)."""
+    world = toy.ToyWorld("train", size=n, image_size=image_size, seed=seed)
+    return _labelled_set("toy-train", [world[i] for i in range(n)])
+
+
 def _labelled_set(name: str, samples: Sequence) -> EvalSet:
     labels = {attr: [getattr(s, attr) for s in samples] for attr in ZERO_SHOT_PROMPTS}
     return EvalSet(name, [s.image for s in samples], labels, [s.caption for s in samples])
@@ -111,11 +119,34 @@ def reconstruction_metrics(tokenizer, images: list[Image.Image], teacher=None, i
 
 
 @torch.no_grad()
+def _embed(image_embed_fn: Callable, preprocess: Callable, images: Sequence, batch_size: int) -> torch.Tensor:
+    return torch.cat([image_embed_fn(preprocess(b)) for b in _batches(images, batch_size, "embed")])
+
+
+def fit_linear_probes(image_embed_fn: Callable, preprocess: Callable, train: EvalSet, batch_size: int = 64) -> dict:
+    """One logistic-regression classifier per attribute on standardized image embeddings of ``train``.
+
+    Zero-shot accuracy needs the text tower to name what the image features hold; a probe reads the features alone,
+    so the two together tell "not in the features" from "not aligned with the text".
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    feats = _embed(image_embed_fn, preprocess, train.images, batch_size).float().cpu().numpy()
+    return {attr: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(feats, train.labels[attr])
+            for attr in ZERO_SHOT_PROMPTS}
+
+
+@torch.no_grad()
 def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preprocess: Callable, evalset: EvalSet,
-                     batch_size: int = 64) -> dict[str, float]:
-    """Zero-shot top-1 per attribute and retrieval R@1 for any (image, text) embedding pair."""
-    feats = torch.cat([image_embed_fn(preprocess(b)) for b in _batches(evalset.images, batch_size, "embed")])
+                     batch_size: int = 64, probes: dict | None = None) -> dict[str, float]:
+    """Zero-shot top-1 per attribute and retrieval R@1 for any (image, text) embedding pair; with ``probes`` (from
+    ``fit_linear_probes`` on the same embedding), their accuracy as ``probe_<attribute>``."""
+    feats = _embed(image_embed_fn, preprocess, evalset.images, batch_size)
     out = {}
+    for attr, probe in (probes or {}).items():
+        out[f"probe_{attr}"] = float(probe.score(feats.float().cpu().numpy(), evalset.labels[attr]))
     for attr, prompt in ZERO_SHOT_PROMPTS.items():
         vocab = sorted(toy.ATTRIBUTES[attr])
         text = text_embed_fn([prompt(w) for w in vocab])
@@ -133,18 +164,25 @@ def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preproce
 
 
 def evaluate_tokenizer(tokenizer, teacher=None, sets: Sequence[EvalSet] = (), inception=None,
-                       batch_size: int = 64) -> dict:
-    """All metrics of one tokenizer on each set; semantic ones also for the teacher, with the share kept."""
+                       batch_size: int = 64, probe_set: EvalSet | None = None) -> dict:
+    """All metrics of one tokenizer on each set; semantic ones also for the teacher, with the share kept. With a
+    ``probe_set`` (train images), linear probes are fitted on it once per model and scored on every labelled set."""
     results = {}
+    probes = teacher_probes = None
+    labelled = any(s.labels is not None for s in sets) and tokenizer.text_tower is not None
+    if probe_set is not None and labelled:
+        probes = fit_linear_probes(tokenizer.image_embeds, tokenizer.preprocess, probe_set, batch_size)
+        if teacher is not None:
+            teacher_probes = fit_linear_probes(teacher.image_embeds, tokenizer.preprocess, probe_set, batch_size)
     for evalset in sets:
         r = reconstruction_metrics(tokenizer, evalset.images, teacher, inception, batch_size)
         if evalset.labels is not None and tokenizer.text_tower is not None:
             sem = semantic_metrics(tokenizer.image_embeds, tokenizer.encode_text, tokenizer.preprocess, evalset,
-                                   batch_size)
+                                   batch_size, probes)
             r.update(sem)
             if teacher is not None:
                 ref = semantic_metrics(teacher.image_embeds, teacher.encode_text, tokenizer.preprocess, evalset,
-                                       batch_size)
+                                       batch_size, teacher_probes)
                 r.update({f"teacher_{k}": v for k, v in ref.items()})
                 r.update({f"kept_{k}": (v / ref[k] if ref[k] else float("nan")) for k, v in sem.items()})
         results[evalset.name] = r
@@ -154,7 +192,8 @@ def evaluate_tokenizer(tokenizer, teacher=None, sets: Sequence[EvalSet] = (), in
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     """One row per (model, set); columns are the metrics present."""
     columns = ["psnr", "ssim", "rFD_teacher", "rFID", "zero_shot_category", "teacher_zero_shot_category",
-               "kept_zero_shot_category", "zero_shot_color", "zero_shot_texture", "i2t_r1", "t2i_r1",
+               "kept_zero_shot_category", "zero_shot_color", "zero_shot_texture", "probe_category",
+               "teacher_probe_category", "probe_texture", "teacher_probe_texture", "i2t_r1", "t2i_r1",
                "pixel_usage", "semantic_usage", "pixel_perplexity", "semantic_perplexity"]
     present = [c for c in columns if any(c in r for sets in results.values() for r in sets.values())]
     lines = ["| model | data | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
@@ -349,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="images per labelled set (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled test items")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--linear-probe", type=int, default=0, metavar="N",
+                   help="also fit a logistic-regression probe per attribute on the image embeddings of N toy-world "
+                        "train images and score it on each labelled set (probe_*; 0: off)")
     p.add_argument("--inception-weights", default=None,
                    help="FID InceptionV3 weights file (pt_inception-2015-12-05, safetensors or .pth): adds true rFID")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
@@ -385,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(builders)}")
         sets = [builders[s]() for s in names]
-        results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size)
+        if args.linear_probe < 0:
+            raise DualTokenError(f"--linear-probe must be 0 (off) or a number of train images, got {args.linear_probe}")
+        probe_set = probe_train_set(args.linear_probe, size, args.seed) if args.linear_probe else None
+        results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size, probe_set)
                    for name, m in models.items()}
     except DualTokenError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -71,3 +71,48 @@ def test_cli_writes_json_and_markdown(saved, tmp_path, capsys):
     assert ev.main(["--model", str(saved / "dual"), "--data", "imagenet"]) == 2
     assert "unknown --data imagenet" in capsys.readouterr().err
     assert ev.main(["--data", "toy"]) == 2
+
+
+def _solid_colour_set(name: str, n: int, seed: int) -> ev.EvalSet:
+    """Flat images of a toy-world colour (with pixel noise) whose texture and category labels are random."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    rng = np.random.default_rng(seed)
+    colours = [list(rgb)[i % len(rgb)] for i in range(n)]
+    images = [Image.fromarray(np.clip(np.array(rgb[c]) + rng.normal(0, 8, (8, 8, 3)), 0, 255).astype(np.uint8))
+              for c in colours]
+    labels = {"color": colours, "texture": list(rng.choice(data.TEXTURES, n)),
+              "category": list(rng.choice(data.CATEGORIES, n))}
+    return ev.EvalSet(name, images, labels, None)
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    """Features that are the mean colour of the image: a probe fitted on one set names the colour of every image of
+    another, and is near chance on texture, which the features do not carry."""
+    import numpy as np
+
+    def preprocess(images):
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
+
+    def embed(x):
+        return x.mean(dim=(2, 3)) / 255
+
+    probes = ev.fit_linear_probes(embed, preprocess, _solid_colour_set("train", 80, seed=0), batch_size=16)
+    held_out = _solid_colour_set("held-out", 200, seed=1)
+    feats = embed(preprocess(held_out.images)).numpy()
+    assert probes["color"].score(feats, held_out.labels["color"]) == 1.0
+    assert probes["texture"].score(feats, held_out.labels["texture"]) < 0.45  # 4 textures: chance 0.25
+
+
+def test_cli_linear_probe(saved, tmp_path, capsys):
+    rc = ev.main(["--model", f"dual={saved / 'dual'}", "--teacher", str(saved / "teacher"), "--data", "toy,natural",
+                  "--n", "8", "--linear-probe", "48", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    results = json.loads((tmp_path / "r.json").read_text())["dual"]
+    for k in ("probe_category", "probe_color", "probe_texture", "teacher_probe_category"):
+        assert 0 <= results["toy-test"][k] <= 1, k
+    assert "probe_category" not in results["natural"]
+    assert ev.main(["--model", str(saved / "dual"), "--data", "toy", "--linear-probe", "-1"]) == 2
+    assert "--linear-probe must be 0" in capsys.readouterr().err
