@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.model:
             raise DualTokenError("name at least one --model NAME=DIR")
+        if args.linear_probe < 0:
+            raise DualTokenError(f"--linear-probe must be 0 (off) or a number of train images, got {args.linear_probe}")
         teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
         inception = None
         if args.inception_weights:
@@ -427,8 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(builders)}")
         sets = [builders[s]() for s in names]
-        if args.linear_probe < 0:
-            raise DualTokenError(f"--linear-probe must be 0 (off) or a number of train images, got {args.linear_probe}")
         probe_set = probe_train_set(args.linear_probe, size, args.seed) if args.linear_probe else None
         results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size, probe_set)
                    for name, m in models.items()}
