@@ -54,8 +54,8 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 # --help for why each). The from-scratch ViT learns colour within a few hundred steps, texture over the first
 # thousand (0.82 at 2000 on val) and category hardly at all (0.12 at 2000, chance 0.06), although the same tower
 # trained on category alone learns it (training/probe_category.py). Category cross-entropies beside the sigmoid
-# loss gave 0.13 at 2000 steps with CATEGORY_LOSS=1 CATEGORY_HEAD=1 and 0.37 with CATEGORY_HEAD=10 (texture
-# 0.82 -> 0.66); a whole chain built on the latter was measured and not shipped (RESULTS.md has why).
+# loss gave 0.13 at 2000 steps with CATEGORY_LOSS=1 CATEGORY_HEAD=1, 0.24 with 5 and 0.37 with 10 (texture 0.83,
+# 0.72, 0.66); a whole chain built on the last was measured and not shipped (RESULTS.md has why).
 if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
     --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
