@@ -145,8 +145,10 @@ def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preproce
     ``fit_linear_probes`` on the same embedding), their accuracy as ``probe_<attribute>``."""
     feats = _embed(image_embed_fn, preprocess, evalset.images, batch_size)
     out = {}
-    for attr, probe in (probes or {}).items():
-        out[f"probe_{attr}"] = float(probe.score(feats.float().cpu().numpy(), evalset.labels[attr]))
+    if probes:
+        features = feats.float().cpu().numpy()
+        for attr, probe in probes.items():
+            out[f"probe_{attr}"] = float(probe.score(features, evalset.labels[attr]))
     for attr, prompt in ZERO_SHOT_PROMPTS.items():
         vocab = sorted(toy.ATTRIBUTES[attr])
         text = text_embed_fn([prompt(w) for w in vocab])

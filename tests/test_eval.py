@@ -1,7 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dualtoken import data, eval as ev
 from dualtoken.teacher import Teacher
@@ -75,9 +77,6 @@ def test_cli_writes_json_and_markdown(saved, tmp_path, capsys):
 
 def _solid_colour_set(name: str, n: int, seed: int) -> ev.EvalSet:
     """Flat images of a toy-world colour (with pixel noise) whose texture and category labels are random."""
-    import numpy as np
-    from PIL import Image
-
     rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
     rng = np.random.default_rng(seed)
     colours = [list(rgb)[i % len(rgb)] for i in range(n)]
@@ -91,8 +90,6 @@ def _solid_colour_set(name: str, n: int, seed: int) -> ev.EvalSet:
 def test_linear_probe_reads_what_the_features_hold():
     """Features that are the mean colour of the image: a probe fitted on one set names the colour of every image of
     another, and is near chance on texture, which the features do not carry."""
-    import numpy as np
-
     def preprocess(images):
         return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
 
