@@ -165,26 +165,39 @@ def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preproce
     return out
 
 
+def teacher_reference(teacher, preprocess: Callable, sets: Sequence[EvalSet], batch_size: int = 64,
+                      probe_set: EvalSet | None = None) -> dict[str, dict]:
+    """The teacher's semantic metrics on each labelled set, keyed by set name: the reference every tokenizer's
+    share kept is measured against. It depends on the teacher and the sets only, so ``main`` computes it once for
+    all the models it compares (with probes fitted on ``probe_set`` when one is given)."""
+    probes = None
+    if probe_set is not None:
+        probes = fit_linear_probes(teacher.image_embeds, preprocess, probe_set, batch_size)
+    return {s.name: semantic_metrics(teacher.image_embeds, teacher.encode_text, preprocess, s, batch_size, probes)
+            for s in sets if s.labels is not None}
+
+
 def evaluate_tokenizer(tokenizer, teacher=None, sets: Sequence[EvalSet] = (), inception=None,
-                       batch_size: int = 64, probe_set: EvalSet | None = None) -> dict:
+                       batch_size: int = 64, probe_set: EvalSet | None = None,
+                       reference: dict[str, dict] | None = None) -> dict:
     """All metrics of one tokenizer on each set; semantic ones also for the teacher, with the share kept. With a
-    ``probe_set`` (train images), linear probes are fitted on it once per model and scored on every labelled set."""
+    ``probe_set`` (train images), linear probes are fitted on it once per model and scored on every labelled set.
+    ``reference`` is ``teacher_reference`` for these sets (computed here when not given)."""
     results = {}
-    probes = teacher_probes = None
-    labelled = any(s.labels is not None for s in sets) and tokenizer.text_tower is not None
-    if probe_set is not None and labelled:
+    semantic = any(s.labels is not None for s in sets) and tokenizer.text_tower is not None
+    probes = None
+    if probe_set is not None and semantic:
         probes = fit_linear_probes(tokenizer.image_embeds, tokenizer.preprocess, probe_set, batch_size)
-        if teacher is not None:
-            teacher_probes = fit_linear_probes(teacher.image_embeds, tokenizer.preprocess, probe_set, batch_size)
+    if teacher is not None and semantic and reference is None:
+        reference = teacher_reference(teacher, tokenizer.preprocess, sets, batch_size, probe_set)
     for evalset in sets:
         r = reconstruction_metrics(tokenizer, evalset.images, teacher, inception, batch_size)
         if evalset.labels is not None and tokenizer.text_tower is not None:
             sem = semantic_metrics(tokenizer.image_embeds, tokenizer.encode_text, tokenizer.preprocess, evalset,
                                    batch_size, probes)
             r.update(sem)
-            if teacher is not None:
-                ref = semantic_metrics(teacher.image_embeds, teacher.encode_text, tokenizer.preprocess, evalset,
-                                       batch_size, teacher_probes)
+            if reference is not None:
+                ref = reference[evalset.name]
                 r.update({f"teacher_{k}": v for k, v in ref.items()})
                 r.update({f"kept_{k}": (v / ref[k] if ref[k] else float("nan")) for k, v in sem.items()})
         results[evalset.name] = r
@@ -432,7 +445,13 @@ def main(argv: list[str] | None = None) -> int:
             raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(builders)}")
         sets = [builders[s]() for s in names]
         probe_set = probe_train_set(args.linear_probe, size, args.seed) if args.linear_probe else None
-        results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size, probe_set)
+        reference = None
+        if (teacher is not None and any(s.labels is not None for s in sets)
+                and any(m.text_tower is not None for m in models.values())):
+            # The teacher's side is the same for every model: measured once, not once per --model.
+            first = next(iter(models.values()))
+            reference = teacher_reference(teacher, first.preprocess, sets, args.batch_size, probe_set)
+        results = {name: evaluate_tokenizer(m, teacher, sets, inception, args.batch_size, probe_set, reference)
                    for name, m in models.items()}
     except DualTokenError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -75,6 +75,42 @@ def test_cli_writes_json_and_markdown(saved, tmp_path, capsys):
     assert ev.main(["--data", "toy"]) == 2
 
 
+def test_teacher_side_measured_once_for_several_models(saved, tmp_path, monkeypatch):
+    """Two --models against one teacher: the teacher's zero-shot (and probes) are computed once and both models are
+    reported against the same reference."""
+    calls = []
+    real = ev.teacher_reference
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "teacher_reference", counting)
+    rc = ev.main(["--model", f"one={saved / 'dual'}", "--model", f"two={saved / 'dual'}", "--teacher",
+                  str(saved / "teacher"), "--data", "toy", "--n", "8", "--linear-probe", "32",
+                  "--json", str(tmp_path / "r.json")])
+    assert rc == 0 and len(calls) == 1
+    results = json.loads((tmp_path / "r.json").read_text())
+    one, two = results["one"]["toy-test"], results["two"]["toy-test"]
+    teacher_keys = [k for k in one if k.startswith("teacher_")]
+    assert "teacher_zero_shot_category" in teacher_keys and "teacher_probe_category" in teacher_keys
+    assert {k: one[k] for k in teacher_keys} == {k: two[k] for k in teacher_keys}
+
+
+def test_given_reference_is_what_the_share_kept_divides_by(saved):
+    tokenizer = DualTokenizer.from_pretrained(saved / "dual")
+    teacher = Teacher.from_pretrained(saved / "teacher")
+    sets = [ev.toy_test_set(8, 32)]
+    reference = {"toy-test": {k: 0.5 for k in ("zero_shot_category", "zero_shot_color", "zero_shot_texture",
+                                                "i2t_r1", "t2i_r1")}}
+    toy = ev.evaluate_tokenizer(tokenizer, teacher, sets, batch_size=8, reference=reference)["toy-test"]
+    assert toy["teacher_zero_shot_color"] == 0.5
+    assert toy["kept_zero_shot_color"] == pytest.approx(toy["zero_shot_color"] / 0.5)
+    computed = ev.evaluate_tokenizer(tokenizer, teacher, sets, batch_size=8)["toy-test"]
+    assert computed["teacher_zero_shot_color"] == pytest.approx(
+        ev.teacher_reference(teacher, tokenizer.preprocess, sets, 8)["toy-test"]["zero_shot_color"])
+
+
 def _solid_colour_set(name: str, n: int, seed: int) -> ev.EvalSet:
     """Flat images of a toy-world colour (with pixel noise) whose texture and category labels are random."""
     rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
