@@ -21,7 +21,7 @@ from PIL import Image
 from dualtoken.errors import CheckpointError, ConfigError
 from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.tokenizer import DualTokenizer
-from training import common, losses, probe_category, train_teacher, train_tokenizer
+from training import common, locality, losses, probe_category, train_teacher, train_tokenizer
 
 from .conftest import TINY_TEXT, TINY_VISION
 
@@ -69,6 +69,8 @@ def test_category_probe_reports_a_held_out_curve(presets, tmp_path, capsys):
     assert [c["step"] for c in curve] == [2, 4]
     assert all(0.0 <= c["val_category"] <= 1.0 and c["loss"] > 0 for c in curve)
     assert "held-out category" in capsys.readouterr().out
+    assert probe_category.main(argv + ["--position-init", "sincos", "--attention-init", "mimetic"]) == 0
+    assert json.loads((tmp_path / "curve.json").read_text()) != curve  # another start, another curve
     assert probe_category.main(argv + ["--patch-size", "5"]) == 2
     assert "does not divide" in capsys.readouterr().err
 
@@ -97,6 +99,21 @@ def test_teacher_prompt_bank_and_temperature(tmp_path, presets):
     assert train_teacher.main(argv) == 0
     scale = final_state(tmp_path / "run")["modules"]["teacher"]["model.logit_scale"].exp().item()
     assert scale == pytest.approx(30.0, rel=1e-3)
+
+
+def test_teacher_locality_init_only_for_a_new_tower(tmp_path, presets):
+    """--position-init sincos / --attention-init mimetic set the new tower's start (lr ~0 keeps it): the position
+    table is the sine-cosine one and every layer's value-output product leans to minus identity."""
+    argv = teacher_argv(presets, tmp_path / "run", "--steps", "1", "--lr", "1e-12", "--position-init", "sincos",
+                        "--attention-init", "mimetic")
+    assert train_teacher.main(argv) == 0
+    state = final_state(tmp_path / "run")["modules"]["teacher"]
+    grid, width = TINY_VISION["image_size"] // TINY_VISION["patch_size"], TINY_VISION["hidden_size"]
+    positions = state["model.vision_model.embeddings.position_embedding.weight"]
+    assert torch.allclose(positions, locality.sincos_table(grid, width), atol=1e-6)
+    prefix = "model.vision_model.encoder.layers.0.self_attn"
+    vo = state[f"{prefix}.v_proj.weight"].t() @ state[f"{prefix}.out_proj.weight"].t()
+    assert torch.trace(vo).item() / width == pytest.approx(-0.4, abs=0.1)
 
 
 def test_teacher_category_terms_add_cross_entropies(tmp_path, presets):

@@ -8,6 +8,7 @@ elsewhere (colour and texture are easier).
 
     python -m training.probe_category --steps 2400 --patch-size 8      # 15 min on 2 cores
     python -m training.probe_category --steps 2000                     # the tiny preset's patch 4, ~50 min
+    python -m training.probe_category --steps 600 --patch-size 8 --position-init sincos --attention-init mimetic
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from dualtoken.errors import DualTokenError
 from dualtoken.teacher import Teacher
 from training.common import adamw, images_to_tensor, load_preset_arg, toy_eval_set, toy_world, warmup_cosine
+from training.locality import mimetic_attention_, sincos_positions_
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="preset whose vision tower is probed, or a JSON file")
     p.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
+    p.add_argument("--position-init", default="random", choices=["random", "sincos"],
+                   help="the tower's position embeddings at step 0 (as train_teacher.py)")
+    p.add_argument("--attention-init", default="random", choices=["random", "mimetic"],
+                   help="the tower's attention weights at step 0 (as train_teacher.py)")
     p.add_argument("--data", default="toy", choices=["toy", "toy-shapes"])
     p.add_argument("--train-size", type=int, default=100_000, help="distinct toy-world train images")
     p.add_argument("--steps", type=int, default=600)
@@ -58,6 +64,10 @@ def probe(args) -> list[dict]:
                              f"{vision_config['image_size']}")
     torch.manual_seed(args.seed)
     tower = Teacher.from_towers(vision_config, preset["text"]).vision
+    if args.position_init == "sincos":
+        sincos_positions_(tower)
+    if args.attention_init == "mimetic":
+        mimetic_attention_(tower)
     size = vision_config["image_size"]
     train = toy_world("train", args.train_size, size, args.data)
     vocab = sorted(train.categories)

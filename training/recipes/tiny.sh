@@ -28,6 +28,8 @@ SEED=${SEED:-0}
 TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~62 min with 2 threads
 CATEGORY_LOSS=${CATEGORY_LOSS:-0}        # weights of the teacher's category cross-entropies: over the category
 CATEGORY_HEAD=${CATEGORY_HEAD:-0}        # captions, and through a linear head (shipped: 0 and 0, sigmoid alone)
+POSITION_INIT=${POSITION_INIT:-random}   # the teacher tower's start: sincos / mimetic make attention local at step
+ATTENTION_INIT=${ATTENTION_INIT:-random} # 0 (training/locality.py; shipped: random and random, SigLIP's own)
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~14 min each
 UNIFIED_STEPS=${UNIFIED_STEPS:-1200}     # x 16 examples, ~44 min with 2 threads and the code cache (400 steps
                                          # drew stripes of colour, 1200 draw objects: RESULTS.md)
@@ -60,7 +62,7 @@ if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
     --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
     --category-caption-rate 0.5 --prompt-bank --temperature 30 --category-loss "$CATEGORY_LOSS" \
-    --category-head "$CATEGORY_HEAD" \
+    --category-head "$CATEGORY_HEAD" --position-init "$POSITION_INIT" --attention-init "$ATTENTION_INIT" \
     --save-every "${SAVE_EVERY:-50}" --log-every 10 --eval-size "$EVAL_SIZE" --workers "$WORKERS" \
     --out "$RUNS/teacher-tiny" --resume --export "$TEACHER"
 fi
