@@ -265,6 +265,29 @@ def retrieval_recall_at_1(image_embeds: ArrayLike, text_embeds: ArrayLike,
     }
 
 
+def shuffle_patches(images: torch.Tensor, patch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C, H, W) images with their ``patch`` x ``patch`` tiles put in one random order (the same for the whole
+    batch); each tile's content is unchanged."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise DualTokenError(f"patch {patch} does not tile {h}x{w} images")
+    gh, gw = h // patch, w // patch
+    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 1, 2, 4, 3, 5).reshape(b, c, gh * gw, patch, patch)
+    order = torch.randperm(gh * gw, generator=generator).to(images.device)
+    return tiles[:, :, order].reshape(b, c, gh, gw, patch, patch).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+
+@torch.no_grad()
+def patch_shuffle_similarity(image_embed_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                             patch: int, seed: int = 0) -> float:
+    """Mean cosine between the embeddings of images and of the same images with their patches shuffled: 1.0 for
+    a bag of patches (a model blind to where things are, which cannot know a silhouette), lower the more the
+    arrangement matters."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = image_embed_fn(images), image_embed_fn(shuffle_patches(images, patch, generator))
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
+
 # --- streaming evaluation ---------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,9 @@ from dualtoken.metrics import (
     codebook_perplexity,
     codebook_usage,
     frechet_distance,
+    patch_shuffle_similarity,
     psnr,
+    shuffle_patches,
     retrieval_recall_at_1,
     ssim,
     to_unit_range,
@@ -267,3 +269,20 @@ def test_inception_rejects_wrong_files(inception, tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         FIDInceptionV3.from_weights(tmp_path / "garbage.pth")
+
+
+def test_shuffle_patches_moves_whole_tiles():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    y = shuffle_patches(x, 4, torch.Generator().manual_seed(1))
+    tiles = lambda t: {tuple(t[0, :, i:i + 4, j:j + 4].flatten().tolist()) for i in (0, 4) for j in (0, 4)}  # noqa: E731
+    assert tiles(x) == tiles(y) and not torch.equal(x, y)
+    with pytest.raises(DualTokenError, match="does not tile"):
+        shuffle_patches(x, 3)
+
+
+def test_patch_shuffle_similarity_tells_a_bag_of_patches_from_a_layout():
+    x = torch.rand(6, 3, 16, 16)
+    bag = lambda t: t.mean(dim=(2, 3))  # noqa: E731  (blind to where the pixels are)
+    layout = lambda t: t.flatten(1) - t.flatten(1).mean(dim=1, keepdim=True)  # noqa: E731
+    assert patch_shuffle_similarity(bag, x, 4) == pytest.approx(1.0)
+    assert patch_shuffle_similarity(layout, x, 4) < 0.5

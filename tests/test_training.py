@@ -199,7 +199,8 @@ def test_teacher_trains_and_exports(teacher):
     assert next(loaded.parameters()).dtype == torch.float32
     assert loaded.encode_text(["a red object"]).shape == (1, TINY_VISION["hidden_size"])
     card = (teacher / "README.md").read_text()
-    assert "zero_shot_category" in card and "2 steps x 8 images" in card and "seed 0" in card
+    assert "zero_shot_category" in card and "patch_shuffle_cos" in card
+    assert "2 steps x 8 images" in card and "seed 0" in card
     log = common.read_log(teacher.parent / "run" / common.LOG_FILE)
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     assert (teacher.parent / "run" / common.CURVES_FILE).is_file()

@@ -26,6 +26,7 @@ from dualtoken.data import ATTRIBUTES, CATEGORIES, COLORS, TEXTURES, caption_var
 from dualtoken.checkpoint import WEIGHTS_FILE, check_model_dir, load_state, resolve_model_dir
 from dualtoken.errors import CheckpointError, ConfigError
 from dualtoken.eval import ZERO_SHOT_PROMPTS, semantic_metrics
+from dualtoken.metrics import patch_shuffle_similarity
 from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.text import TextTokenizer
 
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             val = toy_eval_set(args.eval_size, image_size, args.data)
             metrics = semantic_metrics(shipped.image_embeds, shipped.encode_text,
                                        lambda ims: images_to_tensor(ims, image_size, device), val)
+            # 1.0 would be a bag of patches, blind to the silhouettes that category needs (training/locality.py)
+            metrics["patch_shuffle_cos"] = patch_shuffle_similarity(
+                shipped.image_embeds, images_to_tensor(val.images, image_size, device),
+                int(preset["vision"]["patch_size"]), seed=args.seed)
             logger.info("held-out (val, %d images): %s", args.eval_size,
                         ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             metrics = {f"{k} (toy val, {args.eval_size} images)": v for k, v in metrics.items()}
