@@ -114,6 +114,9 @@ def test_teacher_locality_init_only_for_a_new_tower(tmp_path, presets):
     prefix = "model.vision_model.encoder.layers.0.self_attn"
     vo = state[f"{prefix}.v_proj.weight"].t() @ state[f"{prefix}.out_proj.weight"].t()
     assert torch.trace(vo).item() / width == pytest.approx(-0.4, abs=0.1)
+    with pytest.raises(ConfigError, match="one or the other"):
+        train_teacher.main(teacher_argv(presets, tmp_path / "run2", "--steps", "1", "--init", str(tmp_path),
+                                        "--position-init", "sincos"))
 
 
 def test_teacher_category_terms_add_cross_entropies(tmp_path, presets):

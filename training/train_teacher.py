@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.category_loss > 0 and not args.prompt_bank:
         raise ConfigError("--category-loss scores the prompt bank's category captions: add --prompt-bank")
+    if args.init and (args.position_init, args.attention_init) != ("random", "random"):
+        raise ConfigError("--position-init / --attention-init set a new tower's start, and --init starts from "
+                          f"{args.init}'s weights: use one or the other")
     accelerator = make_accelerator(args.mixed_precision, threads=args.threads)
     seed_everything(args.seed)
     preset = load_preset_arg(args.preset)
