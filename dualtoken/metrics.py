@@ -279,13 +279,15 @@ def shuffle_patches(images: torch.Tensor, patch: int, generator: torch.Generator
 
 @torch.no_grad()
 def patch_shuffle_similarity(image_embed_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                             patch: int, seed: int = 0) -> float:
+                             patch: int, seed: int = 0, batch_size: int = 256) -> float:
     """Mean cosine between the embeddings of images and of the same images with their patches shuffled: 1.0 for
     a bag of patches (a model blind to where things are, which cannot know a silhouette), lower the more the
-    arrangement matters."""
+    arrangement matters. Embedded ``batch_size`` images at a time."""
     generator = torch.Generator().manual_seed(seed)
-    a, b = image_embed_fn(images), image_embed_fn(shuffle_patches(images, patch, generator))
-    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+    shuffled = shuffle_patches(images, patch, generator)
+    cosines = [F.cosine_similarity(image_embed_fn(x).float(), image_embed_fn(y).float(), dim=-1)
+               for x, y in zip(images.split(batch_size), shuffled.split(batch_size))]
+    return torch.cat(cosines).mean().item()
 
 
 # --- streaming evaluation ---------------------------------------------------------------------------------------

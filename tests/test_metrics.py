@@ -274,7 +274,10 @@ def test_inception_rejects_wrong_files(inception, tmp_path):
 def test_shuffle_patches_moves_whole_tiles():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     y = shuffle_patches(x, 4, torch.Generator().manual_seed(1))
-    tiles = lambda t: {tuple(t[0, :, i:i + 4, j:j + 4].flatten().tolist()) for i in (0, 4) for j in (0, 4)}  # noqa: E731
+
+    def tiles(t):  # the four 4x4 tiles of the first image, as a set
+        return {tuple(t[0, :, i:i + 4, j:j + 4].flatten().tolist()) for i in (0, 4) for j in (0, 4)}
+
     assert tiles(x) == tiles(y) and not torch.equal(x, y)
     with pytest.raises(DualTokenError, match="does not tile"):
         shuffle_patches(x, 3)
@@ -285,4 +288,6 @@ def test_patch_shuffle_similarity_tells_a_bag_of_patches_from_a_layout():
     bag = lambda t: t.mean(dim=(2, 3))  # noqa: E731  (blind to where the pixels are)
     layout = lambda t: t.flatten(1) - t.flatten(1).mean(dim=1, keepdim=True)  # noqa: E731
     assert patch_shuffle_similarity(bag, x, 4) == pytest.approx(1.0)
+    in_one_batch = patch_shuffle_similarity(layout, x, 4)
+    assert patch_shuffle_similarity(layout, x, 4, batch_size=4) == pytest.approx(in_one_batch)
     assert patch_shuffle_similarity(layout, x, 4) < 0.5
