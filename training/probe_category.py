@@ -27,7 +27,7 @@ from torch import nn
 from dualtoken.errors import DualTokenError
 from dualtoken.teacher import Teacher
 from training.common import adamw, images_to_tensor, load_preset_arg, toy_eval_set, toy_world, warmup_cosine
-from training.locality import mimetic_attention_, sincos_positions_
+from training.locality import add_start_arguments, apply_start
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="preset whose vision tower is probed, or a JSON file")
     p.add_argument("--patch-size", type=int, default=None, help="override the preset's patch size")
-    p.add_argument("--position-init", default="random", choices=["random", "sincos"],
-                   help="the tower's position embeddings at step 0 (as train_teacher.py)")
-    p.add_argument("--attention-init", default="random", choices=["random", "mimetic"],
-                   help="the tower's attention weights at step 0 (as train_teacher.py)")
+    add_start_arguments(p)
     p.add_argument("--data", default="toy", choices=["toy", "toy-shapes"])
     p.add_argument("--train-size", type=int, default=100_000, help="distinct toy-world train images")
     p.add_argument("--steps", type=int, default=600)
@@ -64,10 +61,7 @@ def probe(args) -> list[dict]:
                              f"{vision_config['image_size']}")
     torch.manual_seed(args.seed)
     tower = Teacher.from_towers(vision_config, preset["text"]).vision
-    if args.position_init == "sincos":
-        sincos_positions_(tower)
-    if args.attention_init == "mimetic":
-        mimetic_attention_(tower)
+    apply_start(tower, args)
     size = vision_config["image_size"]
     train = toy_world("train", args.train_size, size, args.data)
     vocab = sorted(train.categories)

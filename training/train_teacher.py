@@ -33,7 +33,7 @@ from dualtoken.text import TextTokenizer
 from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16,
                              images_to_tensor, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
                              toy_eval_set, toy_world, warmup_cosine)
-from training.locality import mimetic_attention_, sincos_positions_
+from training.locality import add_start_arguments, apply_start, local_start
 
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
@@ -85,14 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "without shape features give the text side nothing to separate. At weight 1 the sigmoid "
                         "loss drowned it (category 0.13 at 2000 steps); at 10, with --category-loss 1, category "
                         "reached 0.37 and texture fell from 0.82 to 0.66 (RESULTS.md)")
-    p.add_argument("--position-init", default="random", choices=["random", "sincos"],
-                   help="position embeddings of a new tower: random (SigLIP's) or a 2-D sine-cosine table with "
-                        "base 100, so that neighbouring patches start alike (training/locality.py)")
-    p.add_argument("--attention-init", default="random", choices=["random", "mimetic"],
-                   help="attention weights of a new tower: random (SigLIP's) or mimetic (Trockman & Kolter 2023: "
-                        "query-key near identity, value-output near minus identity). With --position-init sincos "
-                        "attention starts local; a tower supervised on category learnt it about twice as fast "
-                        "(RESULTS.md)")
+    add_start_arguments(p)
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from an exported teacher (its weights and text tokenizer) instead of random weights, "
                         "with a fresh optimizer and schedule: to continue a finished run for more steps. "
@@ -159,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.category_loss > 0 and not args.prompt_bank:
         raise ConfigError("--category-loss scores the prompt bank's category captions: add --prompt-bank")
-    if args.init and (args.position_init, args.attention_init) != ("random", "random"):
+    if args.init and local_start(args):
         raise ConfigError("--position-init / --attention-init set a new tower's start, and --init starts from "
                           f"{args.init}'s weights: use one or the other")
     accelerator = make_accelerator(args.mixed_precision, threads=args.threads)
@@ -188,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         int(preset["text"]["max_position_embeddings"]))
     teacher = build_teacher(preset, text_tokenizer, args.temperature)
     if payload is None and init is None:
-        if args.position_init == "sincos":
-            sincos_positions_(teacher.vision)
-        if args.attention_init == "mimetic":
-            mimetic_attention_(teacher.vision)
+        apply_start(teacher.vision, args)
     if init is not None:
         try:  # the exported SiglipModel's tensors load straight into the tower the preset built
             load_state(teacher.model, init / WEIGHTS_FILE)
@@ -273,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"seed {args.seed}, {accelerator.num_processes} process(es)"
                                    + (f", starting from {args.init}" if args.init else "")
                                    + (f"; tower started with {args.position_init} positions and {args.attention_init} "
-                                      "attention" if (args.position_init, args.attention_init) != ("random", "random")
-                                      else "")
+                                      "attention" if local_start(args) else "")
                                    + "; loss: sigmoid"
                                    + (f" + {args.category_loss} x cross-entropy over the 16 category captions"
                                       if args.category_loss > 0 else "")
