@@ -1,10 +1,11 @@
 """Initialisations that give a from-scratch SigLIP vision tower a sense of where its patches are.
 
-A tower trained from random weights on the toy world ends up a bag of patches: in the shipped sigmoid-loss teacher,
-shuffling all 256 patches of an image leaves its embedding at cosine 0.998 to the original's, its position
-embeddings stayed at their initial scale (std 0.089 against 1.07 for the patch embeddings' outputs), and category,
-the one attribute that needs the arrangement of patches (a silhouette), stayed near chance (RESULTS.md, the
-teacher). Both functions below change only initial values, so the tower stays a plain ``SiglipVisionModel``:
+A tower trained from random weights on the toy world ends up a bag of patches: in a sigmoid-loss teacher started
+that way (the one shipped until 2026-12-05), shuffling all 256 patches of an image leaves its embedding at cosine
+0.998 to the original's, its position embeddings stayed at their initial scale (std 0.089 against 1.07 for the patch
+embeddings' outputs), and category, the one attribute that needs the arrangement of patches (a silhouette), stayed
+near chance (RESULTS.md, "A bag of patches"). The shipped teacher starts with both functions below (0.46 to its
+shuffled images, category 0.58). They change only initial values, so the tower stays a plain ``SiglipVisionModel``:
 
 - ``sincos_positions_``: position embeddings started as a 2-D sine-cosine table (as in MAE), with a low base
   so that the table's dot product falls off over a few patches: neighbours look alike from step 0.

@@ -10,9 +10,9 @@
 # Every stage checkpoints into runs/ and is resumable: re-running this script continues an interrupted stage
 # (bitwise as if it had not stopped) and re-exports finished ones. The shipped checkpoints were made with exactly
 # these defaults (seed 0) and the thread counts below. Times measured on the 2-core development machine: teacher
-# 62 min (2000 steps, 2 threads); rows d and a side by side, 14 min each (1 thread each); the unified model alone
-# with 2 threads (4 min to encode 20k images once, 44 min of training); then its Table 4 stage (2 x 200 VQA-only
-# steps, 5 min each) side by side with rows b and c (15 min each): about 2.5 hours in all, run as
+# 49 min (2000 steps, 2 threads); rows d and a side by side, 11 min each (1 thread each); the unified model alone
+# with 2 threads (4 min to encode 20k images once, 30 min of training); then its Table 4 stage (2 x 600 VQA-only
+# steps, about 15 min each) side by side with rows b and c (12 min each): about 2 hours in all, run as
 #   STAGES=teacher bash training/recipes/tiny.sh
 #   STAGES=d bash training/recipes/tiny.sh & STAGES=a bash training/recipes/tiny.sh & wait
 #   STAGES=unified THREADS=2 bash training/recipes/tiny.sh
@@ -25,15 +25,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SEED=${SEED:-0}
-TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~62 min with 2 threads
-CATEGORY_LOSS=${CATEGORY_LOSS:-0}        # weights of the teacher's category cross-entropies: over the category
-CATEGORY_HEAD=${CATEGORY_HEAD:-0}        # captions, and through a linear head (shipped: 0 and 0, sigmoid alone)
-POSITION_INIT=${POSITION_INIT:-random}   # the teacher tower's start: sincos / mimetic make attention local at step
-ATTENTION_INIT=${ATTENTION_INIT:-random} # 0 (training/locality.py; shipped: random and random, SigLIP's own)
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~14 min each
-UNIFIED_STEPS=${UNIFIED_STEPS:-1200}     # x 16 examples, ~44 min with 2 threads and the code cache (400 steps
+TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~49 min with 2 threads
+CATEGORY_LOSS=${CATEGORY_LOSS:-1}        # weights of the teacher's category cross-entropies beside the sigmoid
+CATEGORY_HEAD=${CATEGORY_HEAD:-5}        # loss: over the category captions, and through a linear head
+POSITION_INIT=${POSITION_INIT:-sincos}   # the teacher tower's start: sincos positions and mimetic attention make
+ATTENTION_INIT=${ATTENTION_INIT:-mimetic} # it local at step 0 (training/locality.py); random/random is SigLIP's own
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}  # x 16 images, each of the four Table 3 rows (same budget), ~11 min each
+UNIFIED_STEPS=${UNIFIED_STEPS:-1200}     # x 16 examples, ~30 min with 2 threads and the code cache (400 steps
                                          # drew stripes of colour, 1200 draw objects: RESULTS.md)
-TABLE4_STEPS=${TABLE4_STEPS:-200}        # x 16 VQA examples, each of the two Table 4 rows
+TABLE4_STEPS=${TABLE4_STEPS:-600}        # x 16 VQA examples, each of the two Table 4 rows (at 200 neither had
+                                         # learnt colour from these codes: RESULTS.md)
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
 TEACHER_THREADS=${TEACHER_THREADS:-2}
@@ -53,13 +54,11 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # Teacher: half of the captions are the category-only partial caption, every step also scores the 28
 # single-attribute captions (--prompt-bank), and the sigmoid loss starts at temperature 30 (see train_teacher.py
-# --help for why each). The from-scratch ViT learns colour within a few hundred steps, texture over the first
-# thousand (0.82 at 2000 on val) and category hardly at all (0.12 at 2000, chance 0.06), although the same tower
-# trained on category alone learns it (training/probe_category.py). Category cross-entropies beside the sigmoid
-# loss gave 0.13 at 2000 steps with CATEGORY_LOSS=1 CATEGORY_HEAD=1, 0.24 with 5 and 0.37 with 10 (texture 0.83,
-# 0.72, 0.66); a whole chain built on the last was measured and not shipped (RESULTS.md has why). The tower ends up
-# a bag of patches; started local (POSITION_INIT=sincos ATTENTION_INIT=mimetic) with CATEGORY_LOSS=1 CATEGORY_HEAD=5
-# it reached 0.58 category and 0.745 texture at 2000 steps: the settings for the next full rebuild (RESULTS.md).
+# --help for why each). Two things beyond SigLIP's recipe make the from-scratch tower learn category (RESULTS.md,
+# "A bag of patches"): a local start (sincos positions, mimetic attention), without which the tower stays a bag of
+# patches, and category cross-entropies beside the sigmoid loss. With both: category 0.58, colour 1.00, texture
+# 0.745 on val at 2000 steps; with SigLIP's own start and the sigmoid loss alone (the earlier shipped teacher,
+# CATEGORY_LOSS=0 CATEGORY_HEAD=0 POSITION_INIT=random ATTENTION_INIT=random): 0.12, 1.00, 0.82.
 if want teacher; then
 python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threads "$TEACHER_THREADS" \
     --steps "$TEACHER_STEPS" --batch-size "$TEACHER_BATCH" --lr 5e-4 --warmup 60 --weight-decay 0.1 \
