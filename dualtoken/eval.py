@@ -260,6 +260,26 @@ def text_to_image_prompts(n: int, seed: int = 0, categories: Sequence[str] = toy
     return (held + [rest[i] for i in order])[:n]
 
 
+class AttributeJudge:
+    """The text-to-image judge: ``teacher`` classifies images zero-shot per attribute with the prompts above (the
+    attribute text embeddings are computed once)."""
+
+    def __init__(self, teacher, preprocess: Callable):
+        self.teacher, self.preprocess = teacher, preprocess
+        self.vocab = {a: sorted(toy.ATTRIBUTES[a]) for a in ZERO_SHOT_PROMPTS}
+        self.text = {a: teacher.encode_text([ZERO_SHOT_PROMPTS[a](w) for w in words])
+                     for a, words in self.vocab.items()}
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image], truths: Sequence[dict]) -> dict[str, list[bool]]:
+        """Per attribute (and "all" three), whether each image is classified as its truth says."""
+        feats = self.teacher.image_embeds(self.preprocess(list(images)))
+        right = {a: [self.vocab[a][j] == t[a] for j, t in zip((feats @ self.text[a].t()).argmax(1).tolist(), truths)]
+                 for a in self.vocab}
+        right["all"] = [all(r) for r in zip(*right.values())]
+        return right
+
+
 @torch.no_grad()
 def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: float = 3.0, temperature: float = 1.0,
                            top_k: int | None = None, seed: int = 0, images_per_prompt: int = 1,
@@ -268,24 +288,18 @@ def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: fl
     image zero-shot per attribute. Returns category / color / texture / all-three accuracy, overall and on the
     held-out combinations. ``samples_out`` (a list) receives (prompt, image) pairs for a contact sheet."""
     held = toy.holdout_combinations()
-    vocab = {a: sorted(toy.ATTRIBUTES[a]) for a in ZERO_SHOT_PROMPTS}
-    text = {a: judge.encode_text([ZERO_SHOT_PROMPTS[a](w) for w in words]) for a, words in vocab.items()}
+    classify = AttributeJudge(judge, model.image_tokenizer.preprocess)
     hits = {k: [] for k in ("category", "color", "texture", "all")}
     held_all = []
-    tokenizer = model.image_tokenizer
     for i, (color, texture, category) in enumerate(tqdm(triples, desc="text-to-image", leave=False, disable=None)):
         prompt = toy.canonical_caption(color, texture, category)
         images = model.generate_images(prompt, n=images_per_prompt, cfg_scale=cfg_scale, temperature=temperature,
                                        top_k=top_k, seed=seed + i)
-        feats = judge.image_embeds(tokenizer.preprocess(images))
-        truth = {"category": category, "color": color, "texture": texture}
-        right = {a: [vocab[a][j] == truth[a] for j in (feats @ text[a].t()).argmax(1).tolist()] for a in truth}
-        for a in truth:
+        right = classify(images, [{"category": category, "color": color, "texture": texture}] * len(images))
+        for a in hits:
             hits[a] += right[a]
-        every = [all(r) for r in zip(*right.values())]
-        hits["all"] += every
         if (color, texture, category) in held:
-            held_all += every
+            held_all += right["all"]
         if samples_out is not None:
             samples_out += [(prompt, im) for im in images]
     out = {f"t2i_{k}": sum(v) / max(len(v), 1) for k, v in hits.items()}
@@ -294,11 +308,32 @@ def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: fl
     return out
 
 
+@torch.no_grad()
+def judge_ceiling(tokenizer, judge, samples: Sequence, batch_size: int = 64) -> dict[str, float]:
+    """What the text-to-image judge scores on held-out real images and on ``tokenizer``'s reconstructions of them:
+    the ceiling a generator of perfect pixel codes would reach under this judge (the targets of issue 4 are only
+    reachable where this ceiling is above them)."""
+    classify = AttributeJudge(judge, tokenizer.preprocess)
+    hits = {f"{kind}_{k}": [] for kind in ("originals", "reconstructions") for k in ("category", "color", "texture",
+                                                                                      "all")}
+    for batch in _batches(list(samples), batch_size, "judge ceiling"):
+        truths = [{"category": s.category, "color": s.color, "texture": s.texture} for s in batch]
+        originals = [s.image for s in batch]
+        codes = tokenizer.encode(tokenizer.preprocess(originals)).pixel_codes
+        reconstructions = tokenizer.postprocess(tokenizer.decode_codes(codes))
+        for kind, images in (("originals", originals), ("reconstructions", reconstructions)):
+            for k, right in classify(images, truths).items():
+                hits[f"{kind}_{k}"] += right
+    return {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
+
+
 def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, cfg_scale: float = 3.0,
                      seed: int = 0, data: Sequence[str] = ("toy", "fmnist"), samples_out: list | None = None,
-                     temperature: float = 1.0, top_k: int | None = None) -> dict[str, dict[str, float]]:
+                     temperature: float = 1.0, top_k: int | None = None,
+                     ceiling: int = 0) -> dict[str, dict[str, float]]:
     """VQA on the toy-world test split and on colorized Fashion-MNIST test items; text-to-image with the teacher
-    as judge (skipped without one or with t2i_prompts 0)."""
+    as judge (skipped without one or with t2i_prompts 0), and the judge's ceiling on ``ceiling`` toy-world test
+    images and their reconstructions (skipped without a teacher or with ceiling 0)."""
     size = model.image_tokenizer.config.image_size
     results = {}
     if "toy" in data and n:
@@ -313,6 +348,9 @@ def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, c
                                                           seed=seed, samples_out=samples_out)
         results["text-to-image"].update(n_prompts=len(triples), cfg_scale=cfg_scale, temperature=temperature,
                                         top_k=top_k)
+    if teacher is not None and ceiling:
+        results["judge-ceiling"] = judge_ceiling(model.image_tokenizer, teacher,
+                                                 toy_vqa_set("test", ceiling, size, seed=seed))
     return results
 
 
@@ -338,6 +376,9 @@ def build_unified_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=3.0, help="text-to-image classifier-free guidance")
     p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="text-to-image: sample among the k likeliest codes")
+    p.add_argument("--judge-ceiling", type=int, default=0, metavar="N",
+                   help="also judge N toy-world test images and the tokenizer's reconstructions of them: what a "
+                        "perfect generator would score under this judge (needs --teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="load the LM quantized")
     p.add_argument("--contact-sheet", type=Path, default=None, help="save the generated images as one PNG grid")
@@ -358,6 +399,10 @@ def unified_main(argv: list[str] | None = None) -> int:
         unknown = set(args.data.split(",")) - {"toy", "fmnist", ""}
         if unknown:
             raise DualTokenError(f"unknown --data {', '.join(sorted(unknown))}; choose from toy, fmnist")
+        if args.judge_ceiling < 0:
+            raise DualTokenError(f"--judge-ceiling must be >= 0, got {args.judge_ceiling}")
+        if args.judge_ceiling and not args.teacher:
+            raise DualTokenError("--judge-ceiling needs --teacher (the judge)")
         teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
         results = {}
         for spec in args.model:
@@ -368,7 +413,8 @@ def unified_main(argv: list[str] | None = None) -> int:
             sheet: list = []
             results[name or Path(folder).name] = evaluate_unified(model, teacher, args.n, args.t2i_prompts,
                                                                   args.cfg_scale, args.seed, args.data.split(","),
-                                                                  sheet, args.temperature, args.top_k)
+                                                                  sheet, args.temperature, args.top_k,
+                                                                  args.judge_ceiling)
             if args.contact_sheet and sheet:
                 path = args.contact_sheet
                 if len(args.model) > 1:

@@ -149,3 +149,39 @@ def test_cli_linear_probe(saved, tmp_path, capsys):
     assert "probe_category" not in results["natural"]
     assert ev.main(["--model", str(saved / "dual"), "--data", "toy", "--linear-probe", "-1"]) == 2
     assert "--linear-probe must be 0" in capsys.readouterr().err
+
+
+class _MeanColourJudge:
+    """A judge that sees only an image's mean colour, the nearest of four toy colours; its text space has one axis
+    per attribute word, so category and texture always go to their vocabulary's first word."""
+
+    def __init__(self, preprocess, rgb: dict):
+        self.words = sorted(data.ATTRIBUTES["category"] + data.ATTRIBUTES["color"] + data.ATTRIBUTES["texture"])
+        self.names = list(rgb)
+        self.palette = preprocess([Image.new("RGB", (8, 8), rgb[c]) for c in rgb]).mean(dim=(2, 3))
+
+    def encode_text(self, prompts):
+        words = [p.removeprefix("a ").removesuffix(" object") for p in prompts]
+        return torch.nn.functional.one_hot(torch.tensor([self.words.index(w) for w in words]), len(self.words)).float()
+
+    def image_embeds(self, x):
+        nearest = torch.cdist(x.mean(dim=(2, 3)), self.palette).argmin(1)
+        return torch.nn.functional.one_hot(torch.tensor([self.words.index(self.names[i]) for i in nearest]),
+                                           len(self.words)).float()
+
+
+def test_judge_ceiling_scores_originals_and_reconstructions_apart(saved, monkeypatch):
+    """Flat images of four colours: a mean-colour judge names every original right; with a decoder that draws
+    mid-grey, every reconstruction gets the same colour, right for one image in four."""
+    from types import SimpleNamespace
+
+    tokenizer = DualTokenizer.from_pretrained(saved / "dual")
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    judge = _MeanColourJudge(tokenizer.preprocess, rgb)
+    first = {a: sorted(data.ATTRIBUTES[a])[0] for a in ("category", "texture")}
+    samples = [SimpleNamespace(image=Image.new("RGB", (64, 64), rgb[c]), color=c, **first) for c in list(rgb) * 3]
+    monkeypatch.setattr(tokenizer, "decode_codes", lambda codes: torch.zeros(codes.shape[0], 3, 64, 64))
+    scores = ev.judge_ceiling(tokenizer, judge, samples, batch_size=5)
+    assert scores["originals_color"] == scores["originals_all"] == 1.0
+    assert scores["originals_category"] == scores["originals_texture"] == 1.0
+    assert scores["reconstructions_color"] == scores["reconstructions_all"] == 0.25

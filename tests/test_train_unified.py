@@ -118,15 +118,20 @@ def test_unified_eval_cli(setup, tmp_path, capsys):
     Teacher.from_towers(TINY_VISION, TINY_TEXT, words).save_pretrained(tmp_path / "teacher")
     code = evaluation.main(["unified", "--model", f"tiny={tmp_path / 'm'}", "--teacher", str(tmp_path / "teacher"),
                             "--data", "toy", "--n", "3", "--t2i-prompts", "2", "--json", str(tmp_path / "r.json"),
-                            "--contact-sheet", str(tmp_path / "sheet.png")])
+                            "--contact-sheet", str(tmp_path / "sheet.png"), "--judge-ceiling", "2"])
     assert code == 0
     results = json.loads((tmp_path / "r.json").read_text())["tiny"]
-    assert set(results) == {"toy-test", "text-to-image"}
+    assert set(results) == {"toy-test", "text-to-image", "judge-ceiling"}
+    assert {f"{kind}_{a}" for kind in ("originals", "reconstructions") for a in ("category", "color", "texture",
+                                                                                 "all")} == set(results["judge-ceiling"])
     assert all(0.0 <= v <= 1.0 for v in results["toy-test"].values())
     assert results["text-to-image"]["n_prompts"] == 2 and "t2i_all_heldout_combinations" in results["text-to-image"]
     assert (tmp_path / "sheet.png").is_file()
     assert "| tiny |" in capsys.readouterr().out
     assert evaluation.main(["unified", "--model", str(tmp_path / "m"), "--data", "toy,mnist"]) == 2
+    capsys.readouterr()
+    assert evaluation.main(["unified", "--model", str(tmp_path / "m"), "--judge-ceiling", "5"]) == 2
+    assert "--teacher" in capsys.readouterr().err
 
     # Sampling settings reach the generator and are recorded beside the scores; bad ones fail before any VQA.
     sharp = ["unified", "--model", str(tmp_path / "m"), "--teacher", str(tmp_path / "teacher"), "--data", "toy",
