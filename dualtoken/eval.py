@@ -311,8 +311,8 @@ def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: fl
 @torch.no_grad()
 def judge_ceiling(tokenizer, judge, samples: Sequence, batch_size: int = 64) -> dict[str, float]:
     """What the text-to-image judge scores on held-out real images and on ``tokenizer``'s reconstructions of them:
-    the ceiling a generator of perfect pixel codes would reach under this judge (the targets of issue 4 are only
-    reachable where this ceiling is above them)."""
+    the ceiling a generator of perfect pixel codes would reach under this judge (a text-to-image target above it
+    cannot be met, however good the generator)."""
     classify = AttributeJudge(judge, tokenizer.preprocess)
     hits = {f"{kind}_{k}": [] for kind in ("originals", "reconstructions") for k in ("category", "color", "texture",
                                                                                       "all")}
