@@ -270,10 +270,14 @@ class AttributeJudge:
         self.text = {a: teacher.encode_text([ZERO_SHOT_PROMPTS[a](w) for w in words])
                      for a, words in self.vocab.items()}
 
-    @torch.no_grad()
     def __call__(self, images: Sequence[Image.Image], truths: Sequence[dict]) -> dict[str, list[bool]]:
         """Per attribute (and "all" three), whether each image is classified as its truth says."""
-        feats = self.teacher.image_embeds(self.preprocess(list(images)))
+        return self.classify_pixels(self.preprocess(list(images)), truths)
+
+    @torch.no_grad()
+    def classify_pixels(self, pixel_values: torch.Tensor, truths: Sequence[dict]) -> dict[str, list[bool]]:
+        """The same for images already preprocessed."""
+        feats = self.teacher.image_embeds(pixel_values)
         right = {a: [self.vocab[a][j] == t[a] for j, t in zip((feats @ self.text[a].t()).argmax(1).tolist(), truths)]
                  for a in self.vocab}
         right["all"] = [all(r) for r in zip(*right.values())]
@@ -313,16 +317,18 @@ def judge_ceiling(tokenizer, judge, samples: Sequence, batch_size: int = 64) -> 
     """What the text-to-image judge scores on held-out real images and on ``tokenizer``'s reconstructions of them:
     the ceiling a generator of perfect pixel codes would reach under this judge (a text-to-image target above it
     cannot be met, however good the generator)."""
-    classify = AttributeJudge(judge, tokenizer.preprocess)
+    attributes = AttributeJudge(judge, tokenizer.preprocess)
     hits = {f"{kind}_{k}": [] for kind in ("originals", "reconstructions") for k in ("category", "color", "texture",
                                                                                       "all")}
     for batch in _batches(list(samples), batch_size, "judge ceiling"):
         truths = [{"category": s.category, "color": s.color, "texture": s.texture} for s in batch]
-        originals = [s.image for s in batch]
-        codes = tokenizer.encode(tokenizer.preprocess(originals)).pixel_codes
-        reconstructions = tokenizer.postprocess(tokenizer.decode_codes(codes))
-        for kind, images in (("originals", originals), ("reconstructions", reconstructions)):
-            for k, right in classify(images, truths).items():
+        x = tokenizer.preprocess([s.image for s in batch])
+        # Reconstructions go through PIL, as generated images do before they are judged.
+        reconstructions = tokenizer.postprocess(tokenizer.decode_codes(tokenizer.encode(x).pixel_codes))
+        judged = {"originals": attributes.classify_pixels(x, truths),
+                  "reconstructions": attributes(reconstructions, truths)}
+        for kind, rights in judged.items():
+            for k, right in rights.items():
                 hits[f"{kind}_{k}"] += right
     return {k: sum(v) / max(len(v), 1) for k, v in hits.items()}
 
