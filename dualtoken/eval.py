@@ -38,6 +38,13 @@ ZERO_SHOT_PROMPTS = {
 }
 
 
+def attribute_prompts(text_embed_fn: Callable) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """Per attribute, its sorted vocabulary and the text embeddings of its zero-shot prompts, in that order: the
+    classifier that ``semantic_metrics`` scores and ``AttributeJudge`` judges generated images with."""
+    vocab = {a: sorted(toy.ATTRIBUTES[a]) for a in ZERO_SHOT_PROMPTS}
+    return vocab, {a: text_embed_fn([ZERO_SHOT_PROMPTS[a](w) for w in words]) for a, words in vocab.items()}
+
+
 @dataclass
 class EvalSet:
     name: str
@@ -149,11 +156,10 @@ def semantic_metrics(image_embed_fn: Callable, text_embed_fn: Callable, preproce
         features = feats.float().cpu().numpy()
         for attr, probe in probes.items():
             out[f"probe_{attr}"] = float(probe.score(features, evalset.labels[attr]))
-    for attr, prompt in ZERO_SHOT_PROMPTS.items():
-        vocab = sorted(toy.ATTRIBUTES[attr])
-        text = text_embed_fn([prompt(w) for w in vocab])
-        labels = torch.tensor([vocab.index(w) for w in evalset.labels[attr]])
-        out[f"zero_shot_{attr}"] = metrics.zero_shot_accuracy(feats, text, labels)
+    vocab, prompts = attribute_prompts(text_embed_fn)
+    for attr, words in vocab.items():
+        labels = torch.tensor([words.index(w) for w in evalset.labels[attr]])
+        out[f"zero_shot_{attr}"] = metrics.zero_shot_accuracy(feats, prompts[attr], labels)
     unique = sorted(set(evalset.captions))
     text = text_embed_fn(unique)
     # Several images share a canonical caption: image->text is right when its caption is the nearest one, and
@@ -266,9 +272,7 @@ class AttributeJudge:
 
     def __init__(self, teacher, preprocess: Callable):
         self.teacher, self.preprocess = teacher, preprocess
-        self.vocab = {a: sorted(toy.ATTRIBUTES[a]) for a in ZERO_SHOT_PROMPTS}
-        self.text = {a: teacher.encode_text([ZERO_SHOT_PROMPTS[a](w) for w in words])
-                     for a, words in self.vocab.items()}
+        self.vocab, self.text = attribute_prompts(teacher.encode_text)
 
     def __call__(self, images: Sequence[Image.Image], truths: Sequence[dict]) -> dict[str, list[bool]]:
         """Per attribute (and "all" three), whether each image is classified as its truth says."""
