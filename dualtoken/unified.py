@@ -37,6 +37,8 @@ import dataclasses
 import inspect
 import itertools
 import json
+import logging
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1139,6 +1141,28 @@ def _check_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes without letting it fetch code from the Hugging Face Hub. On CPUs with AVX512-BF16,
+    bitsandbytes 0.50 asks the ``kernels`` package at import time for a Hub-hosted 4-bit matmul: a network call at
+    run time (a download where the Hub is reachable, a warning and a stall where it is not). Hiding ``kernels`` for
+    the import makes it use the CPU kernels it ships, the same on every machine."""
+    if sys.modules.get("bitsandbytes") is not None:
+        return
+    hidden = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # ``from kernels import get_kernel`` raises ImportError, which bitsandbytes catches
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)  # its "Failed to load CPU gemm_4bit_forward from kernels-community" warning
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        cpu_ops.setLevel(level)
+        if hidden is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+
+
 def _quantization_config(quantization: str | None, device: torch.device, saved: dict | None):
     """The BitsAndBytesConfig for ``quantization`` ("8bit": LLM.int8, "4bit": NF4), None for full precision or for
     a checkpoint that is already quantized (its lm/config.json carries the quantization)."""
@@ -1147,7 +1171,7 @@ def _quantization_config(quantization: str | None, device: torch.device, saved: 
     if quantization is None and saved is None:
         return None
     try:
-        import bitsandbytes  # noqa: F401  (transformers needs it to build or load quantized layers)
+        _import_bitsandbytes()  # transformers needs it to build or load quantized layers
     except ImportError as e:
         raise ConfigError("8-bit / 4-bit models need bitsandbytes: pip install 'bitsandbytes>=0.50'") from e
     if device.type not in ("cpu", "cuda"):

@@ -4,6 +4,7 @@ Every model here is tiny and random (8x8x3 codes, K 64, a 2-layer Qwen2 LM of wi
 seconds on a CPU.
 """
 
+import subprocess
 import sys
 
 import numpy as np
@@ -251,7 +252,7 @@ def test_quantized_lm_on_cpu(model, tmp_path, quantization, layer):
         assert value.dtype == loaded[key].dtype and torch.equal(value, loaded[key]), key
     with torch.no_grad():
         # Not bitwise: with identical weights and quantization states (checked above), bitsandbytes 0.50.2's CPU
-        # 4-bit matmul gave the reloaded model logits up to 0.014 apart (magnitude ~1) once `kernels` was installed.
+        # 4-bit matmul gave the reloaded model logits up to 0.014 apart (magnitude ~1).
         assert torch.allclose(again(batch).text_logits, out.text_logits, atol=0.05)
     other = "4bit" if quantization == "8bit" else "8bit"
     with pytest.raises(ConfigError, match=f"saved quantized to {quantization}"):
@@ -270,6 +271,31 @@ def test_quantization_errors(model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     with pytest.raises(ConfigError, match="need bitsandbytes"):
         UnifiedModel.from_pretrained(tmp_path, quantization="8bit")
+
+
+def test_bitsandbytes_is_imported_without_the_hub():
+    """bitsandbytes 0.50 asks ``kernels`` for a Hub-hosted CPU kernel at import (on AVX512-BF16 CPUs): the quantized
+    path imports it with ``kernels`` hidden, so nothing reaches for the Hub and no warning is printed. In a fresh
+    process, since this one may have imported bitsandbytes already."""
+    pytest.importorskip("bitsandbytes")
+    script = (
+        "import sys\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ImportError:\n"
+        "    kernels = None\n"
+        "else:\n"
+        "    def refuse(*args, **kwargs):\n"
+        "        raise SystemExit('bitsandbytes asked kernels for a Hub kernel')\n"
+        "    kernels.get_kernel = refuse\n"
+        "from dualtoken.unified import _import_bitsandbytes\n"
+        "_import_bitsandbytes()\n"
+        "assert 'bitsandbytes' in sys.modules\n"
+        "assert sys.modules.get('kernels') is kernels, 'kernels is put back as it was'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr
 
 
 def test_qwen25_preset_builds_from_a_local_lm(tmp_path):
