@@ -242,7 +242,8 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
         return handlers.model_info(models)
 
     # -- layout ---------------------------------------------------------------------------------------------------
-    with gr.Blocks(title="DualToken demo", delete_cache=(900, 3600)) as demo:
+    # No telemetry and no version check against gradio's servers: the demo runs offline by default.
+    with gr.Blocks(title="DualToken demo", delete_cache=(900, 3600), analytics_enabled=False) as demo:
         gr.Markdown(INTRO, elem_classes="tab-intro")
         status = _missing_note(models, "tokenizer", "baseline", "unified")
         if status:

@@ -60,6 +60,13 @@ def url(models):
     demo.close()
 
 
+def test_demo_sends_no_telemetry(models):
+    """Offline by default: gradio's telemetry and version check (requests to its servers) are off."""
+    from app.ui import build_demo
+
+    assert build_demo(models).analytics_enabled is False
+
+
 @pytest.fixture(scope="module")
 def client(url):
     return Client(url, verbose=False)
