@@ -34,10 +34,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(f"no local folder {path} and the Hub id {name!r} could not be fetched: {e}") from e
 
 
-def check_model_dir(folder: Path, weights: str = WEIGHTS_FILE) -> None:
-    """Fail early, by name, on a folder that is not a safetensors model folder."""
+def check_model_dir(folder: Path, weights: str = WEIGHTS_FILE, allow_sharded: bool = False) -> None:
+    """Fail early, by name, on a folder that is not a safetensors model folder. ``allow_sharded`` also accepts
+    transformers' sharded layout (``model.safetensors.index.json`` + shards), for folders transformers loads."""
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}")
+    if allow_sharded and (folder / f"{weights}.index.json").is_file():
+        return
     if not (folder / weights).is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import check_model_dir, quiet_transformers, resolve_model_dir
 from .config import load_preset
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .text import TextTokenizer
 
 
@@ -64,7 +64,7 @@ class Teacher(nn.Module):
         from transformers import SiglipModel
 
         folder = resolve_model_dir(name_or_path)
-        check_model_dir(folder)
+        check_model_dir(folder, allow_sharded=True)
         try:
             with quiet_transformers():
                 model = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
@@ -96,17 +96,22 @@ class Teacher(nn.Module):
     def features(self, pixel_values: torch.Tensor, layer: int) -> TeacherFeatures:
         """Output of tower layer ``layer`` (1-indexed) and the pooled embedding, in one pass."""
         v = self.vision
+        if not 1 <= layer <= len(v.encoder.layers):
+            raise ConfigError(f"layer {layer} is outside this teacher's tower (layers 1..{len(v.encoder.layers)})")
         h = v.embeddings(pixel_values)
         layer_features = None
         for i, block in enumerate(v.encoder.layers, start=1):
             h = block(h, None)
             if i == layer:
                 layer_features = h
-        pooled = v.head(v.post_layernorm(h))
-        return TeacherFeatures(layer_features=layer_features, pooled=pooled)
+        return TeacherFeatures(layer_features=layer_features, pooled=self._pool(v.post_layernorm(h)))
+
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The pooling rule of ``DualTokenizer``: the attention-pooling head, or the mean where the tower has none."""
+        return self.vision.head(h) if self.vision.use_head else h.mean(dim=1)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision(pixel_values=pixel_values).pooler_output, dim=-1)
+        return F.normalize(self._pool(self.vision(pixel_values=pixel_values).last_hidden_state), dim=-1)
 
     def text_embeds_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.text_model(input_ids=input_ids).pooler_output, dim=-1)

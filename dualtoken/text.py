@@ -78,7 +78,9 @@ class TextTokenizer:
             self.backend.save(str(folder / TOKENIZER_FILE))
         else:
             self.backend.save_pretrained(folder)
-        (folder / TEXT_META_FILE).write_text(json.dumps({"max_length": self.max_length}) + "\n")
+        # A transformers tokenizer also writes tokenizer.json, so the backend is recorded rather than guessed.
+        backend = "tokenizers" if self.is_fast_json else "transformers"
+        (folder / TEXT_META_FILE).write_text(json.dumps({"max_length": self.max_length, "backend": backend}) + "\n")
 
     @staticmethod
     def present(folder: str | Path) -> bool:
@@ -89,10 +91,13 @@ class TextTokenizer:
     @classmethod
     def load(cls, folder: str | Path, max_length: int | None = None) -> "TextTokenizer":
         folder = Path(folder)
-        meta = folder / TEXT_META_FILE
-        if max_length is None and meta.is_file():
-            max_length = json.loads(meta.read_text())["max_length"]
-        if (folder / TOKENIZER_FILE).is_file() and meta.is_file():
+        meta_file = folder / TEXT_META_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if max_length is None:
+            max_length = meta.get("max_length")
+        # Folders saved before the backend was recorded: ours never have a tokenizer_config.json.
+        backend = meta.get("backend", "transformers" if (folder / "tokenizer_config.json").is_file() else "tokenizers")
+        if meta and backend == "tokenizers" and (folder / TOKENIZER_FILE).is_file():
             from tokenizers import Tokenizer
 
             return cls(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), max_length or 16)

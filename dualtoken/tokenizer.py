@@ -28,7 +28,7 @@ from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state,
 from .config import DualTokenConfig
 from .decoder import PixelDecoder
 from .errors import CheckpointError, CodesError, ConfigError, ImageInputError
-from .imageio import load_image, to_rgb
+from .imageio import load_image
 from .quantizer import ResidualVQ
 from .text import TextTokenizer
 
@@ -117,19 +117,23 @@ class DualTokenizer(nn.Module):
 
         ``name_or_path`` is a folder saved by ``transformers`` (``SiglipModel`` or ``SiglipVisionModel``), or a Hub
         id when the network allows. The preset gives the branches and decoder; the tower shape comes from the
-        checkpoint, so SigLIP and SigLIP2 towers of any size load as they are.
+        checkpoint, so SigLIP towers of any size load as they are. SigLIP2 (NaFlex: linear patch embedding, variable
+        resolution) is a different layout and is refused by name.
         """
         from transformers import SiglipModel, SiglipVisionModel
 
         folder = resolve_model_dir(name_or_path)
-        check_model_dir(folder)
+        check_model_dir(folder, allow_sharded=True)
         meta = json.loads((folder / CONFIG_FILE).read_text())
         model_type = meta.get("model_type", "")
-        if model_type in ("siglip", "siglip2"):
+        if model_type.startswith("siglip2"):
+            raise CheckpointError(f"{folder} holds a SigLIP2 model ({model_type!r}); its NaFlex tower is not supported, "
+                                  "use a fixed-resolution SigLIP checkpoint (model_type 'siglip')")
+        if model_type == "siglip":
             with quiet_transformers():
                 pretrained = SiglipModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
             vision_model, text_model = pretrained.vision_model, pretrained.text_model
-        elif model_type in ("siglip_vision_model", "siglip2_vision_model"):
+        elif model_type == "siglip_vision_model":
             with quiet_transformers():
                 vision_model = SiglipVisionModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
             text_model = None
@@ -191,9 +195,7 @@ class DualTokenizer(nn.Module):
         size = self.config.image_size
         out = []
         for i, img in enumerate(images):
-            if not isinstance(img, Image.Image):
-                img = load_image(img)  # paths, bytes, arrays: same checks as files
-            img = to_rgb(img)
+            img = load_image(img)  # PIL images, paths, bytes, arrays: the same checks as files, then RGB
             w, h = img.size
             if w == 0 or h == 0:
                 raise ImageInputError(f"image {i} has zero size ({w}x{h})")

@@ -141,6 +141,63 @@ def test_text_tower_saved_with_its_tokenizer(tmp_path):
     assert torch.equal(model.encode_text("a red sneaker"), loaded.encode_text("a red sneaker"))
 
 
+def test_transformers_text_tokenizer_round_trips(tmp_path):
+    # A transformers tokenizer also writes tokenizer.json; loading it back as our word-level one would add a
+    # second EOS and move SigLIP's pooled (last) position.
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from dualtoken.text import EOS, PAD, TextTokenizer
+
+    words = TextTokenizer.train_word_level(["a red circle", "a blue square"]).backend
+    words.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 2)])
+    tok = TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=words, pad_token=PAD, eos_token=EOS), max_length=8)
+    tok.save(tmp_path)
+    loaded = TextTokenizer.load(tmp_path)
+    assert not loaded.is_fast_json and loaded.max_length == 8
+    assert torch.equal(loaded(["a red circle"]), tok(["a red circle"]))
+
+
+def test_from_siglip_reads_a_sharded_checkpoint(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    siglip = SiglipVisionModel(SiglipVisionConfig(**dict(TINY_VISION, image_size=64)))
+    siglip.save_pretrained(tmp_path / "v", max_shard_size="20KB")
+    assert (tmp_path / "v" / "model.safetensors.index.json").is_file()
+    model = DualTokenizer.from_siglip(tmp_path / "v", preset="tiny-single",
+                                      semantic={"layer": 4, "quantizer": {"codebook_size": 32, "dim": 8, "depth": 2}})
+    for k, v in siglip.state_dict().items():
+        assert torch.equal(model.tower.state_dict()[k], v), k
+
+
+def test_siglip2_is_refused_by_name(tmp_path):
+    _save_siglip(tmp_path / "s2", with_text=False)
+    cfg = json.loads((tmp_path / "s2" / "config.json").read_text())
+    (tmp_path / "s2" / "config.json").write_text(json.dumps(dict(cfg, model_type="siglip2_vision_model")))
+    with pytest.raises(CheckpointError, match="SigLIP2"):
+        DualTokenizer.from_siglip(tmp_path / "s2", preset="tiny")
+
+
+@pytest.mark.parametrize("use_head", [True, False])
+def test_teacher_features_pool_as_the_tokenizer_does(use_head):
+    from transformers import SiglipConfig, SiglipModel
+
+    from dualtoken.errors import ConfigError
+    from dualtoken.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(SiglipModel(SiglipConfig(vision_config=dict(TINY_VISION, vision_use_head=use_head),
+                                               text_config=TINY_TEXT)), None).eval()
+    x = torch.randn(2, 3, TINY_VISION["image_size"], TINY_VISION["image_size"])
+    with torch.no_grad():
+        out = teacher.features(x, 2)
+        hidden = teacher.vision(pixel_values=x, output_hidden_states=True).hidden_states
+        assert torch.allclose(out.layer_features, hidden[2], atol=1e-5)
+        assert torch.allclose(torch.nn.functional.normalize(out.pooled, dim=-1), teacher.image_embeds(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="layer 9 is outside"):
+        teacher.features(x, 9)
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "RGB"])
 def test_preprocess_every_pil_mode(micro_tokenizer, mode):

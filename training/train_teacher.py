@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                        payload["extra"]["text_max_length"])
     elif args.init:
         init = resolve_model_dir(args.init)
-        check_model_dir(init)
+        check_model_dir(init, allow_sharded=True)
         text_tokenizer = TextTokenizer.load(init)
     else:
         text_tokenizer = TextTokenizer.train_word_level(caption_corpus(),
