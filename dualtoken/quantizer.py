@@ -103,7 +103,7 @@ class ResidualVQ(nn.Module):
         eps: Laplace smoothing of the EMA counts, so that a rarely used code does not divide by ~0.
         shared_codebook: one codebook for all depths (the paper's setting) or one per depth.
         restart_threshold: a code whose EMA count falls below this is restarted from the current batch; 0 turns
-            restarts off.
+            restarts off (codes then keep their random start until a batch first uses them).
 
     The codebook lives in buffers, so ``state_dict`` (and safetensors) hold it exactly:
     ``cluster_size`` (K) EMA count per code, ``embed_sum`` (K, dim) EMA sum of the vectors assigned to each code,
@@ -227,7 +227,11 @@ class ResidualVQ(nn.Module):
         embed_sum.lerp_(stats[..., :dim], 1.0 - self.decay)
         total = cluster_size.sum(-1, keepdim=True)  # (B, 1)
         smoothed = (cluster_size + self.eps) / (total + size * self.eps) * total  # Laplace smoothing
-        self.embed.view(n_books, size, dim).copy_(embed_sum / smoothed.unsqueeze(-1))
+        # A code no batch has used yet has zero sums: keep its current vector rather than collapse it to zero (with
+        # restarts on, such codes are restarted just below anyway; with restarts off they would all become one code).
+        used = cluster_size.unsqueeze(-1) > 0
+        embed = self.embed.view(n_books, size, dim)
+        embed.copy_(torch.where(used, embed_sum / smoothed.unsqueeze(-1), embed))
         self._restart_dead_codes(residuals.reshape(n_books, -1, dim))
 
     def _restart_dead_codes(self, pool: Tensor) -> None:

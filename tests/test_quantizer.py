@@ -82,6 +82,16 @@ def test_ema_moves_codes_toward_data():
     assert nearest_distance(data, rvq) < 0.5 * before
 
 
+def test_codes_no_batch_has_used_keep_their_start():
+    # Restarts off: the first EMA step must not turn every code the batch missed into the zero vector.
+    rvq = ResidualVQ(DIM, K, DEPTH, restart_threshold=0.0)
+    start = rvq.embed.clone()
+    rvq(clusters(16, seed=3))
+    unused = rvq.cluster_size == 0
+    assert unused.any() and torch.equal(rvq.embed[unused], start[unused])
+    assert not torch.equal(rvq.embed[~unused], start[~unused])
+
+
 def test_ema_step_matches_hand_computation():
     rvq = trained(restart_threshold=0.0)
     size, total, embed = rvq.cluster_size.clone(), rvq.embed_sum.clone(), rvq.embed.clone()
@@ -98,7 +108,7 @@ def test_ema_step_matches_hand_computation():
     smoothed = (size + 1e-5) / (size.sum() + K * 1e-5) * size.sum()
     torch.testing.assert_close(rvq.cluster_size, size)
     torch.testing.assert_close(rvq.embed_sum, total)
-    torch.testing.assert_close(rvq.embed, total / smoothed[:, None])
+    torch.testing.assert_close(rvq.embed, torch.where(size[:, None] > 0, total / smoothed[:, None], embed))
 
 
 def test_dead_code_is_restarted_from_batch():
