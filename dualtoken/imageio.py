@@ -37,6 +37,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
     """
     if isinstance(source, Image.Image):
         _check_size(source.size, "PIL image", max_pixels)
+        try:  # a lazily opened file is decoded only now; a truncated one fails here, not deep in a conversion
+            source.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageInputError(f"PIL image: corrupt or truncated data ({exc})") from exc
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)

@@ -2,9 +2,9 @@
 
 Image convention: float tensors ``(B, C, H, W)`` (C is 3 for RGB) with values in ``[0, 1]``; ``data_range`` is the
 span of the values (1.0). The decoder produces ``[-1, 1]``: convert with ``to_unit_range`` before measuring. Passing
-``[-1, 1]`` images with ``data_range=2.0`` gives the same PSNR and SSIM (both are invariant to shifting the values
-and scaling them together with the range), but a Frechet feature function such as ``FIDInceptionV3`` expects
-``[0, 1]``, so ``to_unit_range`` is the safe habit.
+``[-1, 1]`` images with ``data_range=2.0`` gives the same PSNR (it depends only on the error and the range), but not
+the same SSIM: its luminance term compares the means themselves, so shifted values score lower (about 0.3 lower on
+noisy images). SSIM needs ``[0, 1]``, as does a Frechet feature function such as ``FIDInceptionV3``.
 
 Numbers are computed in float64: SSIM's variances are differences of means (E[x^2] - E[x]^2) and the Frechet
 distance subtracts traces of 2048 x 2048 covariances, both of which lose digits in float32.

@@ -192,6 +192,9 @@ def test_truncated_files(tmp_path, fmt):
     assert path.name in str(info.value)
     with pytest.raises(ImageInputError):
         load_image(data[:40])
+    lazy = Image.open(path)  # opened lazily: the cut shows only when the pixels are decoded
+    with pytest.raises(ImageInputError, match="corrupt or truncated"):
+        load_image(lazy)
 
 
 def test_zero_sized_image():
