@@ -739,7 +739,7 @@ def webdataset_images(
 ) -> WebDatasetImages:
     """Image-caption pairs from webdataset shards: ``urls`` is a path, a glob ("shards/*.tar"), a brace range
     ("shard-{000..009}.tar"), a folder of .tar files, a remote URL or pipe: spec, or a list of these.
-    Raises ``DataError`` when nothing matches or a named local shard does not exist."""
+    Raises ``DataError`` when a named local shard does not exist, or a glob or folder holds no shard."""
     from braceexpand import braceexpand
 
     specs = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
@@ -749,9 +749,15 @@ def webdataset_images(
             if "://" in part or part.startswith("pipe:"):
                 shards.append(part)
             elif any(c in part for c in "*?["):
-                shards.extend(sorted(glob.glob(part)))
+                matched = sorted(glob.glob(part))
+                shards.extend(matched)
+                if not matched:  # a typo in one of several globs must not quietly shrink the data
+                    missing.append(f"{part} (matches nothing)")
             elif Path(part).is_dir():
-                shards.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+                matched = sorted(str(p) for p in Path(part).glob("*.tar"))
+                shards.extend(matched)
+                if not matched:
+                    missing.append(f"{part} (a folder without .tar files)")
             elif Path(part).is_file():
                 shards.append(part)
             else:

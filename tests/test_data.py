@@ -3,7 +3,6 @@ import hashlib
 import io
 import logging
 import tarfile
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -292,18 +291,6 @@ def test_collate_toy_and_save_grid(tmp_path):
     assert Image.open(path).size == (4 * 34 + 2, 3 * 34 + 2)
 
 
-def test_render_speed():
-    """Prints rendering throughput (not asserted: the machine is shared)."""
-    kinds = {"shapes": SHAPE_CATEGORIES, **({"all": CATEGORIES} if fashion_mnist_available() else {})}
-    for name, categories in kinds.items():
-        world = ToyWorld("train", size=1000, image_size=64, categories=categories)
-        world[0]  # load caches
-        start = time.perf_counter()
-        for i in range(1, 101):
-            world[i]
-        print(f"\ntoy world {name} 64px: {100 / (time.perf_counter() - start):.0f} images/s (one core)")
-
-
 # --- real-scale loaders -------------------------------------------------------------------------------------------
 
 
@@ -373,7 +360,13 @@ def test_webdataset_skips_and_counts_corrupt_samples_and_shards(tmp_path):
 
 
 def test_webdataset_nothing_matching(tmp_path):
-    with pytest.raises(DataError, match="no webdataset shards"):
+    with pytest.raises(DataError, match="matches nothing"):
         webdataset_images(str(tmp_path / "*.tar"))
     with pytest.raises(DataError, match="not found"):
         webdataset_images(str(tmp_path / "missing-{0..3}.tar"))
+    (tmp_path / "a.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="typo-\\*.tar \\(matches nothing"):  # one bad glob among good ones
+        webdataset_images([str(tmp_path / "a.tar"), str(tmp_path / "typo-*.tar")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="without .tar files"):
+        webdataset_images([str(tmp_path / "a.tar"), str(tmp_path / "empty")])
