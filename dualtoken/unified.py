@@ -588,7 +588,8 @@ def sample_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
         return logits.argmax(dim=-1)
     logits = logits.float()
     if temperature != 1.0:  # x / 1 is x: skip an op that sampling runs 2,000 times per image
-        logits = logits / temperature
+        # Shift the best logit to 0 first: a tiny temperature then sends the rest to -inf, never to inf - inf = NaN.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -833,7 +834,7 @@ class UnifiedModel(nn.Module):
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "UnifiedModel":
         """Load a saved model. ``quantization`` ("8bit" or "4bit", bitsandbytes) applies to the LM only, on CPU or
         CUDA; a checkpoint saved from a quantized model loads quantized as it is. ``dtype`` of the unquantized
-        parts: float32 on CPU and bfloat16 on CUDA by default."""
+        parts but the depth heads (always float32): float32 on CPU and bfloat16 on CUDA by default."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
         folder = resolve_model_dir(name_or_path)
@@ -866,7 +867,12 @@ class UnifiedModel(nn.Module):
             raise CheckpointError(f"cannot load the language model in {lm_dir}: {e}") from e
         model = cls(config, lm, text_tokenizer, image_tokenizer)
         load_state(model._own_modules(), folder / WEIGHTS_FILE)
-        model._own_modules().to(device=device, dtype=dtype)
+        # The depth heads stay float32 whatever ``dtype`` is: they are small, and HeadSampler folds their norms into
+        # the next product, which in bf16 rounds differently from the modules and would break "the KV cache draws
+        # the codes that recomputation draws".
+        model.visual_embedding.to(device=device, dtype=dtype)
+        model.pixel_head.to(device=device, dtype=torch.float32)
+        model.semantic_head.to(device=device, dtype=torch.float32)
         return model.eval()
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -124,6 +124,16 @@ def test_kv_cache_matches_recomputation(model, sampling):
     assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[1], recomputed[1])
 
 
+def test_kv_cache_matches_recomputation_in_bf16(model, tmp_path):
+    # bf16 is the CUDA default: the LM and visual input in bf16, the depth heads kept in fp32.
+    model.save_pretrained(tmp_path)
+    loaded = UnifiedModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.lm.dtype == torch.bfloat16 and loaded.pixel_head.depth_embedding.dtype == torch.float32
+    cached = loaded.generate_codes("a blue dotted star", seed=3, cfg_scale=3.0)
+    recomputed = loaded.generate_codes("a blue dotted star", seed=3, cfg_scale=3.0, use_cache=False)
+    assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[1], recomputed[1])
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_decoder_steps_match_the_lms_own_forward(model_type):
     """The hand-written decode step against transformers' forward on its own KV cache: GQA, left padding, and the
@@ -192,6 +202,13 @@ def test_heads_of_different_depth_and_codebook_size_sample_together():
     assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
     small = torch.stack([run(True, seed)[0] for seed in range(20)])
     assert small.max() < 5 and len(small.unique()) > 1
+
+
+def test_tiny_temperature_samples_the_best_code():
+    logits = torch.randn(6, 1024) * 5
+    for t in (1e-38, 1e-6):
+        assert torch.equal(sample_logits(logits, t, None, None, torch.Generator().manual_seed(0)),
+                           logits.argmax(dim=-1))
 
 
 def test_cfg_one_is_unguided_sampling(model):
