@@ -222,7 +222,8 @@ def test_tokenizer_rows_train_two_steps(teacher, presets, tmp_path, row):
     model = DualTokenizer.from_pretrained(tmp_path / "export")
     assert model.config.mode == preset
     state = final_state(tmp_path / "run")["modules"]["tokenizer"]
-    initial = DualTokenizer.from_siglip(teacher, preset="tiny", **MICRO_TOKENIZER)
+    common.seed_everything(0)  # the run's seed: the same random codebook the run started from
+    initial = train_tokenizer.build_tokenizer(str(teacher), str(presets[preset]))
     assert not torch.equal(state["semantic_quantizer.embed"], initial.semantic_quantizer.embed)  # EMA ran
     if row == "d":
         card = (tmp_path / "export" / "README.md").read_text()
@@ -427,6 +428,29 @@ def test_sampler_shards_ranks_and_resumes_anywhere():
     assert interleaved == single  # each global step: rank 0 takes the first half, rank 1 the second
     resumed = sum(take(common.ResumableBatchSampler(10, 6, seed=3, start=12), 2), [])
     assert resumed == single[12:24]
+
+
+def test_optimizers_are_tracked_only_on_the_training_device(tmp_path):
+    # A model moved to CUDA after its optimizer is built gets a resumed optimizer state left on the CPU; the run
+    # refuses such an optimizer up front (here the "device" is CPU and the stray parameters sit on "meta").
+    run = common.TrainingRun(SimpleNamespace(device=torch.device("cpu")), tmp_path, {},
+                             common.LoopSettings(2, 2, 1, 1, 1))
+    on_cpu = torch.nn.Linear(2, 2)
+    run.track("ok", on_cpu, common.adamw([on_cpu], 1e-3, (0.9, 0.99), 0.0))
+    stray = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(ConfigError, match="holds parameters on meta, not on cpu"):
+        run.track("stray", stray, common.adamw([stray], 1e-3, (0.9, 0.99), 0.0))
+
+
+@pytest.mark.parametrize("trainer", ["train_teacher", "train_tokenizer", "train_unified"])
+def test_help_shows_every_default(trainer, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"training.{trainer}").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--steps STEPS default:" in text and "--seed SEED default: 0" in text
+    assert "(default: auto)" in text and "fp16" not in text.split("--mixed-precision {")[1][:20]
 
 
 def test_warmup_cosine_schedule():

@@ -13,6 +13,8 @@ The same command runs on a CPU in one process and under ``accelerate launch`` on
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import logging
 import math
@@ -424,9 +426,20 @@ class TrainingRun:
         return self.settings.batch_size * self.accelerator.num_processes
 
     def track(self, name: str, module: nn.Module, optimizer=None, scheduler=None) -> None:
-        """Checkpoint ``module`` (unwrapped: its state dict includes the EMA codebook buffers) and its optimizer."""
+        """Checkpoint ``module`` (unwrapped: its state dict includes the EMA codebook buffers) and its optimizer.
+
+        The optimizer's parameters must already be on the accelerator's device: ``restore`` loads its moments onto
+        the device the parameters are on, and a model moved to CUDA later (by ``prepare``) would leave them on the
+        CPU, to fail at the first step after a resume."""
         self.modules[name] = module
         if optimizer is not None:
+            want = self.accelerator.device
+            stray = {str(p.device) for g in optimizer.param_groups for p in g["params"]
+                     if p.device.type != want.type
+                     or (want.type != "cpu" and want.index is not None and p.device.index != want.index)}
+            if stray:
+                raise ConfigError(f"the {name!r} optimizer holds parameters on {', '.join(sorted(stray))}, not on "
+                                  f"{want}: move the modules to the device before building the optimizer")
             self.optimizers[name] = optimizer
         if scheduler is not None:
             self.schedulers[name] = scheduler
@@ -613,6 +626,28 @@ def model_card(title: str, summary: str, facts: dict[str, str], metrics: dict[st
     return "\n".join(lines) + "\n"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default in ``--help`` (argparse's own defaults
+    formatter skips options without a help string, which is most loss weights here)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default  # `is`, not `in`: 0 == False, and a default of 0 is worth showing
+        return bool(action.option_strings) and not (default is None or default is False or default == argparse.SUPPRESS)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse prints nothing after an option without help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_run_arguments(p, exported: str, workers_help: str, eval_help: str) -> None:
     """The run-machinery flags every trainer shares: seed, run folder, resume, export, cadence, threads."""
     p.add_argument("--seed", type=int, default=0)
@@ -624,5 +659,7 @@ def add_run_arguments(p, exported: str, workers_help: str, eval_help: str) -> No
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--workers", type=int, default=1, help=workers_help)
     p.add_argument("--eval-size", type=int, default=1000, help=eval_help)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="auto: bf16 autocast where CUDA supports it, else fp32. No fp16: the trainers step their "
+                        "optimizers themselves, without the loss scaling fp16 needs")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")

@@ -30,7 +30,7 @@ from dualtoken.metrics import patch_shuffle_similarity
 from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.text import TextTokenizer
 
-from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16,
+from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16,
                              images_to_tensor, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
                              toy_eval_set, toy_world, warmup_cosine)
 from training.locality import add_start_arguments, apply_start, local_start
@@ -44,7 +44,7 @@ CATEGORY_VARIANT = 4  # index of "a {category}" in dualtoken.data.caption_varian
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="tiny", help="tokenizer preset whose vision/text shapes the teacher takes, or "
                    "a JSON file with 'vision' and 'text'")
     p.add_argument("--data", default="toy", choices=["toy", "toy-shapes"],
@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as e:
             raise ConfigError(f"--init {args.init} does not fit --preset {args.preset}: {e}") from e
     head = nn.Linear(teacher.vision.config.hidden_size, len(CATEGORIES)) if args.category_head > 0 else None
-    optimizer = adamw([teacher] + ([head] if head else []), args.lr, (0.9, 0.98), args.weight_decay)
+    # On the device before the optimizer exists: a resumed optimizer state lands where its parameters are then.
+    trained = [m.to(accelerator.device) for m in ([teacher, head] if head is not None else [teacher])]
+    optimizer = adamw(trained, args.lr, (0.9, 0.98), args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.warmup, args.steps)
     run.track("teacher", teacher, optimizer, scheduler)
     if head is not None:
@@ -224,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if args.grad_clip > 0:
+            # The tower and text tower only: the shipped teacher was trained with the category head outside the
+            # clip, and the recipe must reproduce it.
             accelerator.clip_grad_norm_(teacher.parameters(), args.grad_clip)
         optimizer.step()
         scheduler.step()

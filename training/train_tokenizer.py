@@ -30,7 +30,7 @@ from dualtoken.eval import evaluate_tokenizer
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
 
-from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16, load_preset_arg,
+from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16, load_preset_arg,
                              logger, make_accelerator, model_card, pil_images, seed_everything, toy_eval_set, toy_world,
                              warmup_cosine)
 from training.losses import (LossWeights, LPIPSVGG, PatchDiscriminator, TeacherPerceptualLoss, adaptive_gan_weight,
@@ -60,7 +60,7 @@ ROWS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="SigLIP folder: initial tower and frozen semantic teacher")
     p.add_argument("--row", default="d", choices=sorted(ROWS), help="Table 3 row (d = DualToken)")
     p.add_argument("--preset", default=None, help="tokenizer preset name or JSON file (its keys replace the tiny "
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     run = TrainingRun(accelerator, args.out, config, settings, mutable=MUTABLE)
     payload = run.peek(args.resume)
 
+    # On the device before the optimizers exist: a resumed optimizer state lands where its parameters are then.
+    tokenizer.to(device)
+    discriminator.to(device)
     opt_g = adamw([tokenizer], args.lr, tuple(args.betas), args.weight_decay)
     opt_d = adamw([discriminator], args.disc_lr or args.lr, tuple(args.betas), args.weight_decay)
     sched_g = warmup_cosine(opt_g, args.warmup, args.steps, args.min_lr_ratio)

@@ -31,7 +31,7 @@ from dualtoken.eval import evaluate_vqa, toy_vqa_set
 from dualtoken.tokenizer import DualTokenizer
 from dualtoken.unified import TASKS, UnifiedExample, UnifiedModel
 
-from training.common import (LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save, batches,
+from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save, batches,
                              export_fp16, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
                              toy_world, warmup_cosine)
 
@@ -41,7 +41,7 @@ ANSWERED = ("category", "color", "texture", "position")  # VQA question types tr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", required=True, help="frozen DualTokenizer folder whose codes the model reads/writes")
     p.add_argument("--preset", default="unified-tiny", help="unified preset (LM shape, heads), or a JSON file whose "
                    "keys replace unified-tiny's")
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = LoopSettings(args.steps, args.batch_size, args.save_every, args.log_every, args.keep)
     run = TrainingRun(accelerator, args.out, config, settings, mutable=MUTABLE)
     payload = run.peek(args.resume)
+    model.to(device)  # before the optimizer exists: a resumed optimizer state lands where its parameters are then
     trainable = [m for m in (model.lm, model.visual_embedding, model.pixel_head, model.semantic_head)]
     optimizer = adamw(trainable, args.lr, (0.9, 0.95), args.weight_decay)
     scheduler = warmup_cosine(optimizer, args.warmup, args.steps)

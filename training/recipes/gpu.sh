@@ -6,7 +6,9 @@
 #   tokenizers  Table 3 rows d, a, b, c side by side, same budget    -> assets/dualtoken-tiny, assets/vilau-tiny,
 #                                                                       runs/row-{b,c}-tiny/export
 #   unified     the unified model on row d's codes                   -> assets/unified-tiny
-# (Table 4 is tiny.sh's table4 stage, run on the CPU afterwards.)
+# (Table 4 is tiny.sh's table4 stage, run on the CPU afterwards with the same RUNS.)
+# Runs go to runs/gpu by default, not tiny.sh's runs/: the batch sizes differ, and a run folder refuses to resume
+# with another batch size.
 #
 # Each budget is either a step count (TEACHER_STEPS, TOKENIZER_STEPS, UNIFIED_STEPS: set them to reproduce a run)
 # or, when unset, seconds (TEACHER_SECONDS, ...) turned into steps by a 30-step timing probe of the same command on
@@ -21,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 TINY=training/recipes/tiny.sh
 
-export SEED=${SEED:-0} RUNS=${RUNS:-runs} ASSETS=${ASSETS:-assets} EVAL_SIZE=${EVAL_SIZE:-1000}
+export SEED=${SEED:-0} RUNS=${RUNS:-runs/gpu} ASSETS=${ASSETS:-assets} EVAL_SIZE=${EVAL_SIZE:-1000}
 export TEACHER_BATCH=${TEACHER_BATCH:-128} TOKENIZER_BATCH=${TOKENIZER_BATCH:-32} UNIFIED_BATCH=${UNIFIED_BATCH:-64}
 export UNIFIED_TRAIN_SIZE=${UNIFIED_TRAIN_SIZE:-50000} SAVE_EVERY=${SAVE_EVERY:-500}
 export THREADS=${THREADS:-2} TEACHER_THREADS=${TEACHER_THREADS:-2}
