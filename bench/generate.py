@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_MODEL = Path("assets/unified-tiny")
+# Found from this file, not the working directory: run from elsewhere, a relative path would name no folder
+# and the benchmark would fall back to a random model without saying why.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "unified-tiny"
 
 
 def load_model(path: Path, preset: str):

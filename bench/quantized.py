@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_MODEL = Path("assets/unified-tiny")
+# Found from this file, not the working directory: run from elsewhere, a relative path would name no folder
+# and the benchmark would fall back to a random model without saying why.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "unified-tiny"
 
 
 def linear_weight_bytes(lm: nn.Module) -> tuple[int, int]:

@@ -11,14 +11,21 @@ import numpy as np
 
 from .errors import CodesError, DualTokenError
 
-DEFAULT_MODEL = os.environ.get("DUALTOKEN_MODEL", "assets/dualtoken-tiny")
+# The repository's shipped tokenizer, found from this file rather than from the working directory: a relative
+# "assets/dualtoken-tiny" run from elsewhere names no folder and is taken for a Hub id.
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "assets" / "dualtoken-tiny")
 CODES_FORMAT = 1  # version of the .npz layout written by `encode`
 
 
+def default_model() -> str:
+    """The tokenizer ``--model`` defaults to: ``$DUALTOKEN_MODEL`` when set, else the repository's dualtoken-tiny."""
+    return os.environ.get("DUALTOKEN_MODEL") or DEFAULT_MODEL
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"tokenizer folder (config.json + model.safetensors) or Hub id (default: {DEFAULT_MODEL};"
-                        " env DUALTOKEN_MODEL overrides)")
+    p.add_argument("--model", default=default_model(),
+                   help="tokenizer folder (config.json + model.safetensors) or Hub id (default: the repository's"
+                        f" assets/dualtoken-tiny, {DEFAULT_MODEL}; env DUALTOKEN_MODEL overrides)")
     p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
 
 

@@ -53,13 +53,27 @@ class EvalSet:
     captions: list[str] | None
 
 
+def _check_count(what: str, n: int, minimum: int = 0) -> None:
+    """Reject a count below ``minimum`` by name: a negative count would otherwise slice from the end (``[:-3]``)
+    or build an empty set whose metrics read as measured."""
+    if n < minimum:
+        raise DualTokenError(f"{what} must be >= {minimum}, got {n}")
+
+
+def _check_nonempty(what: str, items: Sequence) -> None:
+    if not len(items):
+        raise DualTokenError(f"{what}: nothing to evaluate (no items)")
+
+
 def toy_test_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    _check_count("toy_test_set n", n)
     world = toy.ToyWorld("test", size=n, image_size=image_size, seed=seed)
     samples = [world[i] for i in range(n)]
     return _labelled_set("toy-test", samples)
 
 
 def fashion_test_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    _check_count("fashion_test_set n", n)
     return _labelled_set("fmnist-test", toy.colorized_fashion_mnist("test", n=n, image_size=image_size, seed=seed))
 
 
@@ -70,6 +84,7 @@ def natural_set() -> EvalSet:
 
 def probe_train_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
     """Toy-world *train* images to fit linear probes on (never scored: probes are scored on the held-out sets)."""
+    _check_count("probe_train_set n", n)
     world = toy.ToyWorld("train", size=n, image_size=image_size, seed=seed)
     return _labelled_set("toy-train", [world[i] for i in range(n)])
 
@@ -81,6 +96,7 @@ def _labelled_set(name: str, samples: Sequence) -> EvalSet:
 
 # -- the pieces ---------------------------------------------------------------------------------------------------
 def _batches(items: Sequence, size: int, desc: str):
+    _check_count("batch_size", size, minimum=1)
     for start in tqdm(range(0, len(items), size), desc=desc, leave=False, disable=None):
         yield items[start : start + size]
 
@@ -89,6 +105,7 @@ def _batches(items: Sequence, size: int, desc: str):
 def reconstruction_metrics(tokenizer, images: list[Image.Image], teacher=None, inception=None,
                            batch_size: int = 64, depth: int | None = None) -> dict[str, float]:
     """PSNR / SSIM (on [0, 1] pixels), rFD (teacher features), rFID (Inception) and codebook statistics."""
+    _check_nonempty("reconstruction_metrics", images)
     meter = metrics.ReconstructionMeter()
     teacher_feats = (metrics.RunningGaussian(), metrics.RunningGaussian())
     inception_feats = (metrics.RunningGaussian(), metrics.RunningGaussian())
@@ -189,6 +206,8 @@ def evaluate_tokenizer(tokenizer, teacher=None, sets: Sequence[EvalSet] = (), in
     """All metrics of one tokenizer on each set; semantic ones also for the teacher, with the share kept. With a
     ``probe_set`` (train images), linear probes are fitted on it once per model and scored on every labelled set.
     ``reference`` is ``teacher_reference`` for these sets (computed here when not given)."""
+    for evalset in sets:  # before any model runs: an empty set would give metrics of nothing
+        _check_nonempty(f"eval set {evalset.name}", evalset.images)
     results = {}
     semantic = any(s.labels is not None for s in sets) and tokenizer.text_tower is not None
     probes = None
@@ -239,6 +258,7 @@ VQA_TYPES = ("category", "color", "texture")
 
 def toy_vqa_set(split: str, n: int, image_size: int, data: str = "toy", seed: int = 0) -> list:
     """``n`` toy-world samples of a held-out split ("val" for model cards, "test" for reports) with their labels."""
+    _check_count("toy_vqa_set n", n)
     categories = toy.SHAPE_CATEGORIES if data == "toy-shapes" else toy.CATEGORIES
     world = toy.ToyWorld(split, size=n, image_size=image_size, seed=seed, categories=categories)
     return [world[i] for i in range(n)]
@@ -248,6 +268,7 @@ def toy_vqa_set(split: str, n: int, image_size: int, data: str = "toy", seed: in
 def evaluate_vqa(model, samples: Sequence, types: Sequence[str] = VQA_TYPES) -> dict[str, float]:
     """Share of greedy answers equal to the label, per question type; the question template rotates over the
     samples so every phrasing is asked."""
+    _check_nonempty("evaluate_vqa", samples)
     correct = {t: 0 for t in types}
     for i, sample in enumerate(tqdm(samples, desc="VQA", leave=False, disable=None)):
         for t in types:
@@ -260,6 +281,7 @@ def evaluate_vqa(model, samples: Sequence, types: Sequence[str] = VQA_TYPES) -> 
 def text_to_image_prompts(n: int, seed: int = 0, categories: Sequence[str] = toy.CATEGORIES) -> list[tuple]:
     """``n`` (color, texture, category) triples: every combination held out of training first, then a seeded
     sample of the rest, so compositional generalization is always measured."""
+    _check_count("text_to_image_prompts n", n)
     held = sorted(toy.holdout_combinations(categories=categories))
     rest = [(c, t, k) for k in categories for c in toy.COLORS for t in toy.TEXTURES if (c, t, k) not in set(held)]
     order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -295,6 +317,7 @@ def evaluate_text_to_image(model, judge, triples: Sequence[tuple], cfg_scale: fl
     """GenEval-style: generate for "a {color} {texture} {category}" and let ``judge`` (the teacher) classify each
     image zero-shot per attribute. Returns category / color / texture / all-three accuracy, overall and on the
     held-out combinations. ``samples_out`` (a list) receives (prompt, image) pairs for a contact sheet."""
+    _check_nonempty("evaluate_text_to_image", triples)
     held = toy.holdout_combinations()
     classify = AttributeJudge(judge, model.image_tokenizer.preprocess)
     hits = {k: [] for k in ("category", "color", "texture", "all")}
@@ -321,10 +344,12 @@ def judge_ceiling(tokenizer, judge, samples: Sequence, batch_size: int = 64) -> 
     """What the text-to-image judge scores on held-out real images and on ``tokenizer``'s reconstructions of them:
     the ceiling a generator of perfect pixel codes would reach under this judge (a text-to-image target above it
     cannot be met, however good the generator)."""
+    samples = list(samples)
+    _check_nonempty("judge_ceiling", samples)
     attributes = AttributeJudge(judge, tokenizer.preprocess)
     hits = {f"{kind}_{k}": [] for kind in ("originals", "reconstructions") for k in ("category", "color", "texture",
                                                                                       "all")}
-    for batch in _batches(list(samples), batch_size, "judge ceiling"):
+    for batch in _batches(samples, batch_size, "judge ceiling"):
         truths = [{"category": s.category, "color": s.color, "texture": s.texture} for s in batch]
         x = tokenizer.preprocess([s.image for s in batch])
         # Reconstructions go through PIL, as generated images do before they are judged.
@@ -344,6 +369,8 @@ def evaluate_unified(model, teacher=None, n: int = 300, t2i_prompts: int = 64, c
     """VQA on the toy-world test split and on colorized Fashion-MNIST test items; text-to-image with the teacher
     as judge (skipped without one or with t2i_prompts 0), and the judge's ceiling on ``ceiling`` toy-world test
     images and their reconstructions (skipped without a teacher or with ceiling 0)."""
+    for what, count in (("n", n), ("t2i_prompts", t2i_prompts), ("ceiling", ceiling)):
+        _check_count(f"evaluate_unified {what}", count)
     size = model.image_tokenizer.config.image_size
     results = {}
     if "toy" in data and n:
@@ -409,6 +436,10 @@ def unified_main(argv: list[str] | None = None) -> int:
         unknown = set(args.data.split(",")) - {"toy", "fmnist", ""}
         if unknown:
             raise DualTokenError(f"unknown --data {', '.join(sorted(unknown))}; choose from toy, fmnist")
+        if args.n < 0:
+            raise DualTokenError(f"--n must be >= 0 (0 skips VQA), got {args.n}")
+        if args.t2i_prompts < 0:
+            raise DualTokenError(f"--t2i-prompts must be >= 0 (0 skips text-to-image), got {args.t2i_prompts}")
         if args.judge_ceiling < 0:
             raise DualTokenError(f"--judge-ceiling must be >= 0, got {args.judge_ceiling}")
         if args.judge_ceiling and not args.teacher:
@@ -437,6 +468,9 @@ def unified_main(argv: list[str] | None = None) -> int:
 
 
 # -- command line -------------------------------------------------------------------------------------------------
+EVAL_SETS = ("toy", "fmnist", "natural")  # the --data names of the tokenizer evaluation, in builder order
+
+
 def _report(results: dict, table: str, args) -> int:
     """Print the Markdown table; write it and the JSON results where --markdown / --json ask."""
     print(table)
@@ -482,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
             raise DualTokenError("name at least one --model NAME=DIR")
         if args.linear_probe < 0:
             raise DualTokenError(f"--linear-probe must be 0 (off) or a number of train images, got {args.linear_probe}")
+        if args.batch_size < 1:
+            raise DualTokenError(f"--batch-size must be >= 1, got {args.batch_size}")
+        names = [s.strip() for s in args.data.split(",") if s.strip()]
+        unknown = [s for s in names if s not in EVAL_SETS]
+        if unknown:
+            raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(EVAL_SETS)}")
+        if args.n < 1 and {"toy", "fmnist"} & set(names):
+            raise DualTokenError(f"--n must be >= 1 (images per labelled set: toy, fmnist), got {args.n}")
         teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
         inception = None
         if args.inception_weights:
@@ -495,10 +537,6 @@ def main(argv: list[str] | None = None) -> int:
         size = next(iter(models.values())).config.image_size
         builders = {"toy": lambda: toy_test_set(args.n, size, args.seed),
                     "fmnist": lambda: fashion_test_set(args.n, size, args.seed), "natural": natural_set}
-        names = [s.strip() for s in args.data.split(",") if s.strip()]
-        unknown = [s for s in names if s not in builders]
-        if unknown:
-            raise DualTokenError(f"unknown --data {', '.join(unknown)}; choose from {', '.join(builders)}")
         sets = [builders[s]() for s in names]
         probe_set = probe_train_set(args.linear_probe, size, args.seed) if args.linear_probe else None
         reference = None

@@ -1,11 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dualtoken.cli import main
+from dualtoken.cli import build_parser, main
 
 
 @pytest.fixture
@@ -44,3 +45,33 @@ def test_help(sub):
     r = subprocess.run([sys.executable, "-m", "dualtoken", *([sub] if sub else []), "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_default_model_is_the_repository_folder_from_any_directory(monkeypatch, tmp_path):
+    """Run outside the repository root, the default still names the shipped folder (a relative "assets/..." would
+    name nothing there and be taken for a Hub id): reconstruct works offline with no --model."""
+    monkeypatch.delenv("DUALTOKEN_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    model = Path(build_parser().parse_args(["reconstruct", "in.png", "out.png"]).model)
+    assert model.is_absolute() and (model / "config.json").is_file() and model.name == "dualtoken-tiny"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save("in.png")
+    assert main(["reconstruct", "in.png", "out.png"]) == 0 and (tmp_path / "out.png").is_file()
+
+
+def test_model_env_and_flag_override_the_default(monkeypatch, model_dir):
+    monkeypatch.setenv("DUALTOKEN_MODEL", str(model_dir))
+    assert build_parser().parse_args(["encode", "a.png", "--out", "c.npz"]).model == str(model_dir)
+    assert build_parser().parse_args(["encode", "a.png", "--out", "c.npz", "--model", "x"]).model == "x"
+
+
+@pytest.mark.parametrize("script", ["generate", "quantized"])
+def test_benchmarks_find_the_shipped_unified_model_from_any_directory(monkeypatch, tmp_path, script):
+    """Otherwise, run from elsewhere, they would time a random model instead of the shipped one."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    assert module.DEFAULT_MODEL.is_absolute() and (module.DEFAULT_MODEL / "config.json").is_file()

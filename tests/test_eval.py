@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from dualtoken import data, eval as ev
+from dualtoken.errors import DualTokenError
 from dualtoken.teacher import Teacher
 from dualtoken.text import TextTokenizer
 from dualtoken.tokenizer import DualTokenizer
@@ -50,18 +51,51 @@ def test_tokenizer_metrics_on_held_out_sets(saved):
     assert "| dual | toy-test |" in table and "| dual | natural |" in table
 
 
+class _ReconstructsWith:
+    """A tokenizer that encodes with a real one but whose decoder returns ``reconstruct(x, batch_index)`` of the
+    batch it last encoded: with ``lambda x, i: x``, a decoder that returns its input exactly."""
+
+    def __init__(self, tokenizer, reconstruct):
+        self.real, self.reconstruct = tokenizer, reconstruct
+        self.preprocess = tokenizer.preprocess
+        self.pixel_quantizer, self.semantic_quantizer = tokenizer.pixel_quantizer, tokenizer.semantic_quantizer
+        self.text_tower = None  # reconstruction metrics only
+        self.batches = 0
+
+    def encode(self, x):
+        self.last = x.clone()
+        return self.real.encode(x)
+
+    def decode_codes(self, codes):
+        assert codes.shape[0] == self.last.shape[0]
+        self.batches += 1
+        return self.reconstruct(self.last, self.batches - 1)
+
+
 def test_reconstruction_of_the_originals_scores_perfectly(saved):
-    """A tokenizer whose decoder returned the input exactly would get 100 dB / SSIM 1 / rFD 0: check the meter
-    wiring by comparing originals with themselves through the same code path."""
-    tokenizer = DualTokenizer.from_pretrained(saved / "dual")
-    images = ev.toy_test_set(6, 32).images
-    x = tokenizer.preprocess(images)
+    """A tokenizer whose decoder returned its input exactly gets the PSNR cap, SSIM 1 and rFD 0 through
+    ``evaluate_tokenizer``'s own path (preprocess, encode, decode_codes, teacher features), over uneven batches;
+    the same path with each batch reconstructed as another batch's images scores below all three."""
     from dualtoken import metrics
 
-    m = metrics.ReconstructionMeter()
-    m.update(metrics.to_unit_range(x), metrics.to_unit_range(x))
-    out = m.compute()
-    assert out["psnr"] == 100.0 and out["ssim"] == pytest.approx(1.0)
+    tokenizer = DualTokenizer.from_pretrained(saved / "dual")
+    teacher = Teacher.from_pretrained(saved / "teacher")
+    evalset = ev.toy_test_set(12, 32)
+    exact = _ReconstructsWith(tokenizer, lambda x, i: x)
+    r = ev.evaluate_tokenizer(exact, teacher, [evalset], batch_size=5)["toy-test"]
+    assert exact.batches == 3 and r["n"] == 12  # batches of 5, 5 and 2
+    assert r["psnr"] == metrics.PSNR_MAX_DB and r["ssim"] == pytest.approx(1.0)
+    assert r["rFD_teacher"] == pytest.approx(0.0, abs=1e-6)
+    # Each batch of 4 reconstructed as the next batch's images: the same 12 images overall, in the wrong places.
+    # rFD compares the two sets as distributions and cannot see that; PSNR and SSIM, image by image, do.
+    originals = tokenizer.preprocess(evalset.images)
+    shifted = _ReconstructsWith(tokenizer, lambda x, i: originals[(i + 1) % 3 * 4 :][:4])
+    wrong = ev.evaluate_tokenizer(shifted, teacher, [evalset], batch_size=4)["toy-test"]
+    assert wrong["psnr"] < 40 and wrong["ssim"] < 0.9 and wrong["rFD_teacher"] == pytest.approx(0.0, abs=1e-6)
+    # Another seed's images altogether: now the teacher's features see a different set.
+    unrelated = tokenizer.preprocess(ev.toy_test_set(12, 32, seed=1).images)
+    other = _ReconstructsWith(tokenizer, lambda x, i: unrelated[i * 4 :][:4])
+    assert ev.evaluate_tokenizer(other, teacher, [evalset], batch_size=4)["toy-test"]["rFD_teacher"] > 0.1
 
 
 def test_cli_writes_json_and_markdown(saved, tmp_path, capsys):
@@ -185,3 +219,71 @@ def test_judge_ceiling_scores_originals_and_reconstructions_apart(saved, monkeyp
     assert scores["originals_color"] == scores["originals_all"] == 1.0
     assert scores["originals_category"] == scores["originals_texture"] == 1.0
     assert scores["reconstructions_color"] == scores["reconstructions_all"] == 0.25
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "-1"], "--n must be >= 1"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
+])
+def test_cli_rejects_out_of_range_numbers_up_front(tmp_path, capsys, args, message):
+    """Checked before any model loads (the model folder here does not exist): a message naming the flag."""
+    assert ev.main(["--model", str(tmp_path / "nowhere"), "--data", "toy", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "ReconstructionMeter" not in err
+
+
+def test_cli_n_is_not_needed_for_photos_only(saved, tmp_path):
+    """--n counts images per labelled set: with the natural photos alone, 0 is fine."""
+    assert ev.main(["--model", f"dual={saved / 'dual'}", "--data", "natural", "--n", "0",
+                    "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["dual"]["natural"]["n"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "-1"], "--n must be >= 0 (0 skips VQA), got -1"),
+    (["--t2i-prompts", "-3"], "--t2i-prompts must be >= 0 (0 skips text-to-image), got -3"),
+    (["--judge-ceiling", "-2"], "--judge-ceiling must be >= 0, got -2"),
+])
+def test_unified_cli_rejects_negative_counts_up_front(tmp_path, capsys, args, message):
+    assert ev.main(["unified", "--model", str(tmp_path / "nowhere"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_library_rejects_negative_counts_and_empty_sets(saved):
+    """A negative count would slice from the end (``[:-3]``: all but three prompts) or give an empty set whose
+    metrics read 0.0 as if measured."""
+    with pytest.raises(DualTokenError, match="text_to_image_prompts n must be >= 0, got -3"):
+        ev.text_to_image_prompts(-3)
+    assert ev.text_to_image_prompts(0) == []
+    for build in (lambda: ev.toy_test_set(-1, 32), lambda: ev.fashion_test_set(-1, 32),
+                  lambda: ev.probe_train_set(-1, 32), lambda: ev.toy_vqa_set("test", -1, 32)):
+        with pytest.raises(DualTokenError, match="must be >= 0, got -1"):
+            build()
+    for kwargs in ({"n": -1}, {"t2i_prompts": -1}, {"ceiling": -1}):
+        with pytest.raises(DualTokenError, match=f"evaluate_unified {next(iter(kwargs))} must be >= 0"):
+            ev.evaluate_unified(None, **kwargs)
+    with pytest.raises(DualTokenError, match="evaluate_vqa: nothing to evaluate"):
+        ev.evaluate_vqa(None, [])
+    tokenizer = DualTokenizer.from_pretrained(saved / "dual")
+    images = ev.toy_test_set(2, 32).images
+    with pytest.raises(DualTokenError, match="batch_size must be >= 1, got 0"):
+        ev.reconstruction_metrics(tokenizer, images, batch_size=0)
+    with pytest.raises(DualTokenError, match="reconstruction_metrics: nothing to evaluate"):
+        ev.reconstruction_metrics(tokenizer, [])
+    with pytest.raises(DualTokenError, match="eval set empty: nothing to evaluate"):
+        ev.evaluate_tokenizer(tokenizer, sets=[ev.EvalSet("empty", [], None, None)])
+
+
+def test_unified_zero_counts_skip_their_part(monkeypatch):
+    """0 still means "skip": --n 0 --t2i-prompts N runs text-to-image alone (as RESULTS.md does), and
+    --t2i-prompts 0 runs no text-to-image."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(image_tokenizer=SimpleNamespace(config=SimpleNamespace(image_size=32)))
+    monkeypatch.setattr(ev, "evaluate_vqa", lambda *a, **k: pytest.fail("VQA ran with n 0"))
+    monkeypatch.setattr(ev, "evaluate_text_to_image", lambda model, judge, triples, *a, **k: {"t2i_all": 1.0})
+    out = ev.evaluate_unified(model, teacher=object(), n=0, t2i_prompts=5)
+    assert list(out) == ["text-to-image"] and out["text-to-image"]["n_prompts"] == 5
+    assert ev.evaluate_unified(model, teacher=object(), n=0, t2i_prompts=0) == {}
