@@ -71,6 +71,23 @@ def _image(source: Any, what: str = "image") -> Image.Image:
         raise ImageInputError(str(e).replace(str(source), Path(source).name)) from e
 
 
+def _text_read(model, text: str) -> str | None:
+    """The beginning of ``text`` that the unified model reads, or None when it reads all of it.
+
+    The model cuts prompts and questions to ``max_text_tokens`` tokens (``SequenceFormat.encode``) and only warns in
+    the server log; this finds the cut with the same tokenizer call, so the page can say what was used. The cut is
+    given in the user's own characters (token offsets), since decoding would lowercase the toy vocabulary's words
+    and drop the unknown ones."""
+    tokenizer, limit = model.text_tokenizer, model.config.max_text_tokens
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = encoded["input_ids"]
+    if len(ids) <= limit:
+        return None
+    if tokenizer.is_fast:
+        return text[:encoded["offset_mapping"][limit - 1][1]].strip()
+    return tokenizer.decode(ids[:limit], skip_special_tokens=True).strip()
+
+
 # -- display helpers --------------------------------------------------------------------------------------------------
 
 
@@ -414,11 +431,21 @@ def user_message(message: Any) -> list[dict]:
 def chat(models: ModelRegistry, history: list[dict] | None, temperature: Any = 0.0) -> Iterator[list[dict]]:
     """Stream the assistant's reply to the chat ``history`` (which ends with the user's turn), yielding the history
     with the growing reply appended."""
+    from dualtoken.unified import parse_chat
+
     model = models.require("unified")
     temperature = _number("temperature", temperature, *TEMPERATURE_RANGE)
     history = list(history or [])
     if not history or history[-1].get("role") != "user":
         raise DualTokenError("Nothing to answer: the chat has to end with a user message.")
+    # An overlong question is answered from its beginning, and a note (a titled "thought" message before the reply;
+    # retry and undo remove it with the reply) says so and shows the part that was read.
+    _, question = parse_chat(history)
+    read = _text_read(model, question)
+    if read is not None:
+        limit = model.config.max_text_tokens
+        history = history + [{"role": "assistant", "content": f"The model read only this: *{read}*",
+                              "metadata": {"title": f"⚠️ Question truncated to its first {limit} tokens"}}]
     reply = {"role": "assistant", "content": ""}
     for text in model.chat(history, max_new_tokens=MAX_REPLY_TOKENS, temperature=temperature):
         reply = {"role": "assistant", "content": text}
@@ -455,7 +482,16 @@ MAX_SEED = 2**31 - 1
 class Generation:
     images: list[Image.Image]  # at the tokenizer's resolution
     seed: int
-    prompt: str
+    prompt: str  # what the model read: the prompt, or its first max_text_tokens tokens when it is longer
+    truncated: bool = False  # the prompt was longer and was cut to ``prompt``
+    max_prompt_tokens: int | None = None  # the model's max_text_tokens
+
+    @property
+    def note(self) -> str:
+        """Markdown for the page: the seed, and the prompt as the model read it."""
+        read = (f"prompt truncated to its first {self.max_prompt_tokens} tokens: *{self.prompt}*" if self.truncated
+                else f"prompt: *{self.prompt}*")
+        return f"Seed **{self.seed}** (enter it to get these images again), {read}"
 
 
 def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.0, temperature: Any = 1.0,
@@ -474,10 +510,13 @@ def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.
     seed = _integer("seed", seed, -1, MAX_SEED)
     if seed == -1:
         seed = random.SystemRandom().randrange(MAX_SEED)
-    images = model.generate_images(prompt.strip(), n=n, cfg_scale=cfg_scale, temperature=temperature,
+    prompt = prompt.strip()
+    images = model.generate_images(prompt, n=n, cfg_scale=cfg_scale, temperature=temperature,
                                    top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed,
                                    progress=progress)
-    return Generation(images=images, seed=seed, prompt=prompt.strip())
+    read = _text_read(model, prompt)  # the model reads an overlong prompt's beginning; report that, not the whole
+    return Generation(images=images, seed=seed, prompt=prompt if read is None else read, truncated=read is not None,
+                      max_prompt_tokens=model.config.max_text_tokens)
 
 
 # -- 5. model info ----------------------------------------------------------------------------------------------------

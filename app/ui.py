@@ -21,6 +21,14 @@ from .models import EXAMPLES_DIR, ModelRegistry, on_gpu
 PAPER_URL = "https://arxiv.org/abs/2503.14324"
 QUEUE_SIZE = 64  # requests waiting across all events; more are refused with "queue full" instead of piling up
 CONCURRENCY = {"reconstruct": 2, "clusters": 1, "chat": 1, "generate": 1, "model_info": 4}
+# Characters the prompt box takes (a browser-side cap). The model reads at most max_text_tokens (32) tokens and the
+# note under the images says when it cut a prompt; 1000 characters is well past 32 words or subwords, so that cut,
+# which is reported, always comes first, and a pasted page is not sent whole. The chat box (MultimodalTextbox) has no
+# such cap in Gradio 6, and by default turns a paste of over 1000 characters into a text file, which its image-only
+# upload would refuse (the text lost): it keeps pastes up to MAX_CHAT_PASTE_CHARS as text, and the chat's note says
+# what the model read of them.
+MAX_PROMPT_CHARS = 1000
+MAX_CHAT_PASTE_CHARS = 100_000
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="sky")
 CSS = """
 .gradio-container {max-width: 1320px !important; margin: 0 auto !important;}
@@ -236,7 +244,7 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
 
         g = handlers.generate(models, prompt, n, cfg_scale, temperature, top_k, top_p, seed, progress=report)
         images = [(fresh(handlers.display(img)), f"{i + 1}/{len(g.images)}") for i, img in enumerate(g.images)]
-        return images, f"Seed **{g.seed}** (enter it to get these images again), prompt: *{g.prompt}*"
+        return images, g.note
 
     def model_info():
         return handlers.model_info(models)
@@ -284,9 +292,12 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
                 gr.on([recon_btn.click, depth.release], reconstruct, [image_in, depth], recon_outputs,
                       api_name="reconstruct", concurrency_limit=CONCURRENCY["reconstruct"],
                       concurrency_id="reconstruct")
+                # Every event of a shared concurrency group names the group's limit: Gradio runs the group at
+                # the smallest limit of its events, and one left unset counts as the queue's default of 1.
                 image_in.change(reconstruct_new_image, [image_in, depth], recon_outputs,
                                 api_name="reconstruct_on_change", api_visibility="private",
-                                concurrency_id="reconstruct", trigger_mode="always_last")
+                                concurrency_limit=CONCURRENCY["reconstruct"], concurrency_id="reconstruct",
+                                trigger_mode="always_last")
 
             # 2 ----------------------------------------------------------------------------------------------------
             with gr.Tab("Token clusters", id="clusters", elem_id="tab-clusters") as cluster_tab:
@@ -329,7 +340,7 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
                                      placeholder="Attach an image with the 📎 button, then ask about it.")
                 message = gr.MultimodalTextbox(file_types=["image"], file_count="single", sources=["upload"],
                                                placeholder="Ask about the attached image…", show_label=False,
-                                               elem_id="chat-input")
+                                               max_plain_text_length=MAX_CHAT_PASTE_CHARS, elem_id="chat-input")
                 with gr.Row():
                     chat_temperature = gr.Slider(*handlers.TEMPERATURE_RANGE, value=0.0, step=0.05,
                                                  label="Temperature", info="0 = greedy")
@@ -341,7 +352,7 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
                 message.submit(chat, [message, chatbot, chat_temperature], [chatbot, message], api_name="chat",
                                concurrency_limit=CONCURRENCY["chat"], concurrency_id="chat")
                 chatbot.retry(chat_retry, [chatbot, chat_temperature], [chatbot], api_name="chat_retry",
-                              concurrency_id="chat")
+                              concurrency_limit=CONCURRENCY["chat"], concurrency_id="chat")
                 chatbot.undo(chat_undo, [chatbot], [chatbot], api_name="chat_undo")
 
             # 4 ----------------------------------------------------------------------------------------------------
@@ -353,7 +364,7 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2, min_width=280):
                         prompt = gr.Textbox(label="Prompt", value=PROMPT_EXAMPLES[0], max_lines=1,
-                                            elem_id="gen-prompt")
+                                            max_length=MAX_PROMPT_CHARS, elem_id="gen-prompt")
                         gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
                         gr.Examples([[p] for p in PROMPT_EXAMPLES], inputs=[prompt], label="Example prompts")
                         n_images = gr.Slider(1, handlers.MAX_IMAGES, value=4, step=1, label="Number of images")

@@ -67,6 +67,32 @@ def test_demo_sends_no_telemetry(models):
     assert build_demo(models).analytics_enabled is False
 
 
+def test_events_sharing_a_concurrency_group_keep_the_groups_limit(models):
+    """Gradio lowers a concurrency group's limit to the smallest limit of its events, and an event that sets none
+    counts as the queue's default (1): one such event in the "reconstruct" group halved its limit after the first
+    upload. Every event of a shared group declares the same limit, and the queue ends up with the configured one."""
+    from app.ui import CONCURRENCY, build_demo
+
+    demo = build_demo(models)
+    fns = list(demo.fns.values())
+    groups: dict[str, list] = {}
+    for fn in fns:
+        groups.setdefault(fn.concurrency_id, []).append(fn)
+    for group, members in groups.items():
+        assert len({fn.concurrency_limit for fn in members}) == 1, \
+            f"{group}: " + ", ".join(f"{fn.api_name}={fn.concurrency_limit}" for fn in members)
+    for fn in fns:
+        demo._queue.create_event_queue_for_fn(fn)  # what the queue does for an event when it is first pushed
+    seen = set()
+    for fn in fns:
+        name = fn.concurrency_id if fn.concurrency_id in CONCURRENCY else fn.api_name  # shared id, else endpoint
+        if name in CONCURRENCY:
+            seen.add(name)
+            limit = demo._queue.event_queue_per_concurrency_id[fn.concurrency_id].concurrency_limit
+            assert limit == CONCURRENCY[name], f"{fn.api_name} runs with concurrency {limit}"
+    assert seen == set(CONCURRENCY)
+
+
 @pytest.fixture(scope="module")
 def client(url):
     return Client(url, verbose=False)
@@ -254,6 +280,24 @@ def _uploadable(history: list[dict]) -> list[dict]:
     return history
 
 
+@pytest.mark.filterwarnings("ignore:the (prompt|question) has .* tokens; truncated")  # the server log's line
+def test_chat_notes_a_truncated_question_without_echoing_it(client):
+    """The model reads the first max_text_tokens (32) tokens of a question: a note before the reply says so and
+    shows the part read, not the 80,000 characters sent; retry answers again with one note, not two."""
+    question = "what color is the object? " * 3200  # 6 tokens each, about 83,000 characters
+    history, _ = client.predict({"text": question, "files": [handle_file(_example())]}, [], 0.0, api_name="/chat")
+    assert [m["role"] for m in history] == ["user", "user", "assistant", "assistant"]
+    note = history[2]
+    assert "truncated to its first 32 tokens" in note["metadata"]["title"]
+    read = "what color is the object? " * 5 + "what color"  # 32 tokens
+    text = note["content"][0]["text"]
+    assert read.strip() in text and len(text) < 400
+    assert history[3]["content"][0]["text"]  # and the question is still answered
+
+    retried = client.predict(_uploadable(history), 0.0, api_name="/chat_retry")
+    assert [m["role"] for m in retried] == ["user", "user", "assistant", "assistant"]
+
+
 @pytest.mark.parametrize("message, match", [({"text": "   ", "files": []}, "Empty message"),
                                             ({"text": "what is it?", "files": ["corrupt.png"]}, "not an image")])
 def test_chat_refuses_empty_messages_and_bad_attachments(client, images, message, match):
@@ -278,6 +322,22 @@ def test_generate_gives_n_images_and_reports_the_seed(client):
     again, _ = client.predict("a red striped sneaker", 2, 3.0, 1.0, 10, 0.9, 123, api_name="/generate")
     same = [np.asarray(Image.open(g["image"])) for g in (gallery[0], again[0])]
     assert np.array_equal(*same)  # a seed reproduces its images
+
+
+@pytest.mark.filterwarnings("ignore:the (prompt|question) has .* tokens; truncated")  # the server log's line
+def test_generate_notes_a_truncated_prompt_without_echoing_it(client, models):
+    """The model reads the first max_text_tokens (32) tokens of a prompt: the note says the prompt was truncated
+    and shows the part read, not the 80,000 characters sent. A prompt of exactly 32 tokens is read whole."""
+    from app import handlers
+
+    prompt = "a red striped sneaker " * 3700  # 4 tokens each, about 81,000 characters
+    _, note = client.predict(prompt, 1, 1.0, 1.0, 0, 1.0, 7, api_name="/generate")
+    assert "prompt truncated to its first 32 tokens" in note and "Seed **7**" in note
+    assert ("a red striped sneaker " * 8).strip() in note and len(note) < 400
+
+    whole = ("a red striped sneaker " * 8).strip()
+    g = handlers.generate(models, whole, n=1, cfg_scale=1.0, seed=0)
+    assert not g.truncated and g.prompt == whole and "truncated" not in g.note
 
 
 def test_generation_reports_progress_per_token_position(models):
