@@ -279,6 +279,15 @@ def test_killed_and_resumed_run_is_bitwise_identical(teacher, presets, tmp_path,
     assert steps == [1, 2, 3, 4]  # the crashed run's step-3 line was cut on resume
 
 
+def test_a_budget_shorter_than_the_schedule_is_named(teacher, presets, tmp_path, caplog):
+    argv = tokenizer_argv(teacher, presets, tmp_path / "run", "d", "dual", "--steps", "2", "--warmup", "5",
+                          "--gan-start", "3")
+    with caplog.at_level("WARNING", logger=common.logger.name):
+        assert train_tokenizer.main(argv) == 0
+    assert "the LR never reaches" in caplog.text and "the GAN losses never switch on" in caplog.text
+    assert train_tokenizer.build_parser().parse_args(["--teacher", "t", "--out", "o"]).steps == 781_250
+
+
 @pytest.mark.slow
 def test_kill_9_at_any_moment_then_resume_is_bitwise_identical(presets, tmp_path):
     """A real SIGKILL of a training process (wherever it is: a step, a checkpoint write), then ``--resume``."""
@@ -449,7 +458,8 @@ def test_help_shows_every_default(trainer, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(f"training.{trainer}").main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--steps STEPS default:" in text and "--seed SEED default: 0" in text
+    steps_help = text.split("--steps STEPS ")[-1].split(" --")[0]  # the options list's entry, not the usage line
+    assert "default: " in steps_help and "--seed SEED default: 0" in text
     assert "(default: auto)" in text and "fp16" not in text.split("--mixed-precision {")[1][:20]
 
 

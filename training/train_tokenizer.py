@@ -59,6 +59,9 @@ ROWS = {
 }
 
 
+REFERENCE_STEPS = 20 * 10_000_000 // (8 * 32)  # the paper's schedule: 20 epochs of CC12M's 10M images, 8 x 32
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="SigLIP folder: initial tower and frozen semantic teacher")
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="toy", help="toy | toy-shapes | folder:PATH | wds:SHARDS (path, glob or "
                    "brace range of webdataset .tar shards)")
     p.add_argument("--train-size", type=int, default=100_000, help="distinct toy-world train images")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=REFERENCE_STEPS,
+                   help="optimizer steps (REFERENCE: 20 epochs of 10M images at 8 GPUs x 32 = 781,250)")
     p.add_argument("--batch-size", type=int, default=32, help="per process (REFERENCE: 32 x 8 GPUs)")
     p.add_argument("--lr", type=float, default=7.2e-5, help="REFERENCE full-size value; tiny: see recipes/tiny.sh")
     p.add_argument("--disc-lr", type=float, default=None, help="discriminator LR (default: --lr)")
@@ -134,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                                    threads=args.threads)
     seed_everything(args.seed)
     device = accelerator.device
+    # A budget shorter than the schedule is allowed (quick runs, tests) but never silent.
+    if args.steps <= args.warmup:
+        logger.warning("--steps %d <= --warmup %d: the LR never reaches --lr %g and never decays",
+                       args.steps, args.warmup, args.lr)
+    if weights.gan > 0 and args.steps <= args.gan_start:
+        logger.warning("--steps %d <= --gan-start %d: the GAN losses never switch on", args.steps, args.gan_start)
 
     tokenizer = build_tokenizer(args.teacher, args.preset)
     cfg = tokenizer.config
