@@ -1,9 +1,11 @@
 """Random-weight checkpoints laid out like the shipped ones, for tests and for developing the app before (or
-without) the trained ``assets/`` folders::
+without) the trained ``assets/`` folders. Always the same three: ``dualtoken-tiny`` (preset ``tiny``), ``vilau-tiny``
+(``tiny-single``) and ``unified-tiny``, the tokenizers without a text tower::
 
-    python -m app.random_checkpoints /tmp/dev-assets            # the tiny presets (64 px, 16x16x4 tokens)
-    python -m app.random_checkpoints /tmp/dev-assets --micro    # 16 px, 4x4x4 tokens: seconds on a CPU
-    python app.py --tokenizer /tmp/dev-assets/dualtoken-tiny --baseline /tmp/dev-assets/vilau-tiny \
+    python -m app.random_checkpoints /tmp/dev-assets            # 64 px: pixel codes 16x16x8, semantic 16x16x4
+                                                                # (the baseline: one 16x16x8 RVQ)
+    python -m app.random_checkpoints /tmp/dev-assets --micro    # 16 px, 4x4x4 codes per branch: seconds on a CPU
+    python app.py --tokenizer /tmp/dev-assets/dualtoken-tiny --baseline /tmp/dev-assets/vilau-tiny \\
                   --unified /tmp/dev-assets/unified-tiny
 
 Random weights reconstruct noise and answer nonsense; they only exercise the plumbing.

@@ -44,7 +44,7 @@ class JsonConfig:
 
 @dataclass
 class QuantizerConfig:
-    """Residual VQ of one branch (paper Sec. 3.2; REFERENCE: 16384 x 32 shared across 8 depths)."""
+    """Residual VQ of one branch (paper Sec. 3.2; official configuration: 16384 x 32 shared across 8 depths)."""
 
     codebook_size: int = 16384  # K: entries in the codebook
     dim: int = 32  # width of a code vector; the tower's features are projected down to it

@@ -1,4 +1,4 @@
-"""Convolutional pixel decoder: quantized pixel tokens -> image (VQGAN-style, REFERENCE "Pixel decoder")."""
+"""Convolutional pixel decoder: quantized pixel tokens -> image (VQGAN-style, as in the official configuration)."""
 
 from __future__ import annotations
 

@@ -407,15 +407,18 @@ def build_unified_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                    help="unified model folder, as NAME=DIR or DIR (repeatable)")
     p.add_argument("--teacher", default=None, help="teacher folder: the text-to-image judge (omit to skip)")
-    p.add_argument("--data", default="toy,fmnist", help="VQA sets: toy (toy-world test), fmnist (Fashion-MNIST test)")
-    p.add_argument("--n", type=int, default=300, help="images per VQA set (each asked 3 questions)")
-    p.add_argument("--t2i-prompts", type=int, default=64, help="text-to-image prompts (held-out combinations first)")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="text-to-image classifier-free guidance")
-    p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="text-to-image: sample among the k likeliest codes")
+    p.add_argument("--data", default="toy,fmnist",
+                   help="VQA sets: toy (toy-world test), fmnist (Fashion-MNIST test); default: toy,fmnist")
+    p.add_argument("--n", type=int, default=300, help="images per VQA set, each asked 3 questions (default 300)")
+    p.add_argument("--t2i-prompts", type=int, default=64,
+                   help="text-to-image prompts, held-out combinations first (default 64)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="text-to-image classifier-free guidance (default 3.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="text-to-image: sample among the k likeliest codes (default: all)")
     p.add_argument("--judge-ceiling", type=int, default=0, metavar="N",
                    help="also judge N toy-world test images and the tokenizer's reconstructions of them: what a "
-                        "perfect generator would score under this judge (needs --teacher)")
+                        "perfect generator would score under this judge (needs --teacher; default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="load the LM quantized")
     p.add_argument("--contact-sheet", type=Path, default=None, help="save the generated images as one PNG grid")

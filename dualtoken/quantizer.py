@@ -7,7 +7,7 @@ learned by gradients but by an exponential moving average of the vectors assigne
 with a restart of codes that stopped being used; the encoder is pulled towards the codebook by the commitment
 loss of eq. 1.
 
-Where this differs from a textbook VQ, it is for the reasons listed in REFERENCE.md's "Known pitfalls":
+Where this differs from a textbook VQ, it is to avoid pitfalls seen in other implementations:
 
 - The nearest-code search runs in fp32 without TF32 whatever autocast says: at these norms, bf16 distances pick
   the wrong code most of the time.

@@ -53,7 +53,7 @@ class DualTokenizerOutput:
 
 
 class FeatureProjection(nn.Module):
-    """Tower width -> code dim through one pre-norm attention block and an MLP (REFERENCE: 1152 -> 32).
+    """Tower width -> code dim through one pre-norm attention block and an MLP (official configuration: 1152 -> 32).
 
     The attention is written on ``scaled_dot_product_attention`` (a fused kernel on CPU and GPU) rather than
     ``nn.MultiheadAttention``, whose CPU path materializes the attention matrix: encode overhead is a target.

@@ -1,10 +1,10 @@
-"""Stage-1 losses of the DualToken tokenizer (paper eq. 2-4; REFERENCE.md "Official configuration: Losses").
+"""Stage-1 losses of the DualToken tokenizer (paper eq. 2-4, official weights: training/README.md).
 
     total = 5 * MSE(recon) + 1.0 * perceptual + adaptive * 0.75 * GAN + 5 * (commit_pix + commit_sem) + semantic
 
 - Reconstruction (eq. 3): pixel MSE, a perceptual (LPIPS-style) distance and a hinge-GAN generator loss against a
   PatchGAN discriminator, the GAN term weighted adaptively as in VQGAN (Esser et al. 2021, eq. 7).
-- Semantic (eq. 4, REFERENCE form): 5 * (MSE - cosine) between the quantized deep features and the frozen teacher's
+- Semantic (eq. 4, official form): 5 * (MSE - cosine) between the quantized deep features and the frozen teacher's
   same-layer features, plus (MSE - cosine) between the pooled embeddings.
 - Commitment (eq. 1) comes from the quantizers themselves (``DualTokenizerOutput.*_commit_loss``).
 
@@ -24,13 +24,13 @@ from torch import nn
 
 from dualtoken.errors import CheckpointError
 
-# REFERENCE "Losses": the adaptive GAN weight is clamped to [0.3, 10] (VQGAN itself clamps to [0, 1e4]).
+# The official configuration clamps the adaptive GAN weight to [0.3, 10] (VQGAN itself clamps to [0, 1e4]).
 ADAPTIVE_WEIGHT_RANGE = (0.3, 10.0)
 
 
 @dataclass
 class LossWeights:
-    """Weights of the total loss; defaults are REFERENCE.md's official configuration."""
+    """Weights of the total loss; defaults are the official configuration's."""
 
     mse: float = 5.0  # pixel MSE of the reconstruction
     perceptual: float = 1.0  # LPIPS-style distance
@@ -78,7 +78,7 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """VQGAN's balance: ||grad recon|| / ||grad GAN|| at the decoder's last layer, clamped (REFERENCE: 0.3..10).
+    """VQGAN's balance: ||grad recon|| / ||grad GAN|| at the decoder's last layer, clamped (official: 0.3..10).
 
     Keeps the GAN term's pull on the decoder comparable to the reconstruction's whatever their raw scales.
     """
@@ -109,7 +109,7 @@ def tower_hidden_states(vision: nn.Module, pixel_values: torch.Tensor, layers: i
 class TeacherPerceptualLoss(nn.Module):
     """LPIPS-style distance in the frozen teacher's vision tower: at each chosen layer, unit-normalize every
     token's feature vector, take the squared difference summed over channels, average over tokens; then average
-    over layers. The offline stand-in for LPIPS (no VGG weights ship anywhere offline, REFERENCE)."""
+    over layers. The offline stand-in for LPIPS (no package available offline ships VGG weights)."""
 
     def __init__(self, vision: nn.Module, layers: tuple[int, ...] = (1, 2, 3)):
         super().__init__()
@@ -222,14 +222,14 @@ class LPIPSVGG(nn.Module):
 
 
 def mse_minus_cosine(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE - mean cosine similarity over the last dim (REFERENCE's semantic distance; minimum -1 at x == target)."""
+    """MSE - mean cosine similarity over the last dim (the official semantic distance; minimum -1 at x == target)."""
     x, target = x.float(), target.float()
     return F.mse_loss(x, target) - F.cosine_similarity(x, target, dim=-1).mean()
 
 
 def semantic_loss(features: torch.Tensor, pooled: torch.Tensor, teacher_features: torch.Tensor,
                   teacher_pooled: torch.Tensor, weights: LossWeights) -> torch.Tensor:
-    """Paper eq. 4 in REFERENCE's form: quantized deep features (B, N, width) and pooled (B, width) against the
-    frozen teacher's same-layer features and pooled embedding."""
+    """Paper eq. 4 in the official configuration's form: quantized deep features (B, N, width) and pooled
+    (B, width) against the frozen teacher's same-layer features and pooled embedding."""
     return (weights.semantic_features * mse_minus_cosine(features, teacher_features)
             + weights.semantic_pooled * mse_minus_cosine(pooled, teacher_pooled))

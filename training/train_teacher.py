@@ -1,11 +1,16 @@
 """Train the toy-scale semantic teacher: a SigLIP image-text model from scratch on the toy world.
 
-At full scale the teacher is pretrained SigLIP; no such weights exist offline (REFERENCE.md), so the tiny preset's
-tower shapes are trained here with SigLIP's pairwise sigmoid loss on toy-world train images and captions drawn
-from ``caption_variants`` (paraphrases and partial captions such as "a red object"). The text tokenizer is a
+At full scale the teacher is pretrained SigLIP; no package available offline ships such weights, so the tiny
+preset's tower shapes are trained here with SigLIP's pairwise sigmoid loss on toy-world train images and captions
+drawn from ``caption_variants`` (paraphrases and partial captions such as "a red object"). The text tokenizer is a
 word-level vocabulary over every caption variant of the world.
 
-    python -m training.train_teacher --out runs/teacher-tiny --steps 3000 --export assets/teacher-tiny
+The shipped teacher, as training/recipes/tiny.sh runs it (which exports to assets/teacher-tiny instead):
+
+    python -m training.train_teacher --preset tiny --data toy --seed 0 --threads 2 --steps 2000 --batch-size 64 \
+        --lr 5e-4 --warmup 60 --weight-decay 0.1 --category-caption-rate 0.5 --prompt-bank --temperature 30 \
+        --category-loss 1 --category-head 5 --position-init sincos --attention-init mimetic --save-every 50 \
+        --log-every 10 --eval-size 1000 --workers 1 --out runs/teacher-tiny --resume --export runs/teacher-tiny/export
     accelerate launch -m training.train_teacher --out runs/teacher-tiny ...      # many GPUs, same flags
     python -m training.train_teacher --out runs/teacher-tiny --resume ...         # continue a stopped run
 """

@@ -8,8 +8,13 @@ targets (and, by default, the perceptual features). Rows of Table 3:
     c  dual codebooks, recon at the shallow layer only, no semantic loss
     d  dual codebooks, recon at the shallow layer + semantic at the deep layer  = DualToken
 
-    python -m training.train_tokenizer --teacher assets/teacher-tiny --row d --out runs/dualtoken-tiny \\
-        --steps 4000 --export assets/dualtoken-tiny
+The shipped row d, as training/recipes/tiny.sh runs it (which exports to assets/dualtoken-tiny instead); the
+defaults are the official full-size schedule (781,250 steps), so a tiny run sets its own budget:
+
+    python -m training.train_tokenizer --teacher assets/teacher-tiny --row d --data toy --seed 0 --threads 1 \\
+        --steps 400 --batch-size 16 --lr 1e-3 --warmup 100 --gan-start 300 --disc-ndf 32 --save-every 100 \\
+        --log-every 10 --eval-size 1000 --workers 1 --out runs/dualtoken-tiny --resume \\
+        --export runs/dualtoken-tiny/export
     accelerate launch -m training.train_tokenizer --teacher ... --data wds:/data/cc12m/{00000..01242}.tar ...
     python -m training.train_tokenizer ... --resume                     # continue from the newest checkpoint
 """
@@ -72,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "brace range of webdataset .tar shards)")
     p.add_argument("--train-size", type=int, default=100_000, help="distinct toy-world train images")
     p.add_argument("--steps", type=int, default=REFERENCE_STEPS,
-                   help="optimizer steps (REFERENCE: 20 epochs of 10M images at 8 GPUs x 32 = 781,250)")
-    p.add_argument("--batch-size", type=int, default=32, help="per process (REFERENCE: 32 x 8 GPUs)")
-    p.add_argument("--lr", type=float, default=7.2e-5, help="REFERENCE full-size value; tiny: see recipes/tiny.sh")
+                   help="optimizer steps (official: 20 epochs of 10M images at 8 GPUs x 32 = 781,250)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process (official: 32 x 8 GPUs)")
+    p.add_argument("--lr", type=float, default=7.2e-5, help="official full-size value; tiny: see recipes/tiny.sh")
     p.add_argument("--disc-lr", type=float, default=None, help="discriminator LR (default: --lr)")
     p.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.9))
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=10_000, help="linear warmup steps (REFERENCE: 10k)")
+    p.add_argument("--warmup", type=int, default=10_000, help="linear warmup steps (official: 10k)")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of the LR")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max global grad norm (0: off, as in VQGAN)")
     p.add_argument("--gan-start", type=int, default=20_000,

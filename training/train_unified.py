@@ -5,8 +5,13 @@ every step mixes three tasks, each drawn per example: text-to-image (caption -> 
 dropped for classifier-free guidance), VQA (image + question -> one-word answer) and captioning (image ->
 caption). The loss is eq. 6: text NLL plus both visual heads' NLL over all depths.
 
-    python -m training.train_unified --tokenizer assets/dualtoken-tiny --out runs/unified-tiny \\
-        --steps 2000 --export assets/unified-tiny
+The shipped unified-tiny, as training/recipes/tiny.sh runs it with THREADS=2 (which exports to assets/unified-tiny
+instead):
+
+    python -m training.train_unified --tokenizer assets/dualtoken-tiny --preset unified-tiny --data toy --seed 0 \\
+        --threads 2 --train-size 20000 --batch-size 16 --lr 1e-3 --warmup 100 --workers 1 \\
+        --codes runs/codes-dualtoken-tiny.pt --steps 1800 --save-every 50 --log-every 10 --eval-size 200 \\
+        --out runs/unified-tiny --resume --export runs/unified-tiny/export
     python -m training.train_unified ... --resume                           # continue a stopped run
     accelerate launch -m training.train_unified --lm /models/Qwen2.5-3B --preset unified-qwen2.5-3b \\
         --tokenizer /models/dualtoken-so400m-384 --data toy ...             # the paper's setting, many GPUs

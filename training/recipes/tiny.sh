@@ -69,9 +69,10 @@ python -m training.train_teacher --preset tiny --data toy --seed "$SEED" --threa
     --out "$RUNS/teacher-tiny" --resume --export "$TEACHER"
 fi
 
-# Toy-scale tokenizer settings shared by every row (the full-size defaults are REFERENCE.md's): LR 1e-3 instead of
-# 7.2e-5 (at batch 8, 1e-3 led 3e-4 by ~0.5 dB PSNR and halved the semantic loss after 600 images), 100 warmup
-# steps instead of 10k, a half-width PatchGAN, and the GAN on for the last quarter of each run only.
+# Toy-scale tokenizer settings shared by every row (the full-size defaults are the official configuration's,
+# training/README.md): LR 1e-3 instead of 7.2e-5 (at batch 8, 1e-3 led 3e-4 by ~0.5 dB PSNR and halved the semantic
+# loss after 600 images), 100 warmup steps instead of 10k, a half-width PatchGAN, and the GAN on for the last quarter
+# of each run only.
 tokenizer() {  # tokenizer ROW NAME EXPORT
     python -m training.train_tokenizer --teacher "$TEACHER" --row "$1" --data toy --seed "$SEED" \
         --threads "$THREADS" --steps "$TOKENIZER_STEPS" --batch-size "$TOKENIZER_BATCH" --lr 1e-3 --warmup 100 \
