@@ -15,6 +15,7 @@ if any request failed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -31,7 +32,7 @@ DEFAULT_IMAGE = ROOT / "assets" / "examples" / "toy-red-checkered-circle.png"
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def free_port() -> int:
