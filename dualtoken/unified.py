@@ -38,6 +38,7 @@ import inspect
 import itertools
 import json
 import logging
+import numbers
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state, resolve_model_dir, save_state
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_device, check_model_dir, load_state, quiet_transformers,
+                         resolve_model_dir, save_state)
 from .config import JsonConfig, load_preset
 from .errors import CheckpointError, CodesError, ConfigError
 from .tokenizer import DualTokenizer, EncodeOutput, _eval_mode
@@ -597,6 +599,7 @@ def sample_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
+        outside[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in fp32 would drop all)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     # Inverse-CDF sampling: one uniform per row against the cumulative distribution (a third of the time of
     # torch.multinomial on these (rows, 1024) logits, which sampling calls 12 times per image position).
@@ -843,7 +846,7 @@ class UnifiedModel(nn.Module):
         if not (lm_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"{folder} has no {LM_DIR}/{CONFIG_FILE} (the language model)")
         config = UnifiedConfig.load(folder / CONFIG_FILE)
-        device = _check_device(device)
+        device = check_device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         saved_quantization = json.loads((lm_dir / CONFIG_FILE).read_text()).get("quantization_config")
         quantization_config = _quantization_config(quantization, device, saved_quantization)
@@ -861,9 +864,10 @@ class UnifiedModel(nn.Module):
             text_tokenizer = tokenizer_class.from_pretrained(lm_dir, local_files_only=True)
             # No quantization_config for a saved quantized LM: its own config.json carries it.
             quantize = {} if quantization_config is None else {"quantization_config": quantization_config}
-            lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype=dtype,
-                                                      device_map={"": str(device)}, **quantize)
-        except (OSError, ValueError) as e:
+            with quiet_transformers():  # its load report would print a table before the error below
+                lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype=dtype,
+                                                          device_map={"": str(device)}, **quantize)
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit lm/config.json
             raise CheckpointError(f"cannot load the language model in {lm_dir}: {e}") from e
         model = cls(config, lm, text_tokenizer, image_tokenizer)
         load_state(model._own_modules(), folder / WEIGHTS_FILE)
@@ -961,7 +965,7 @@ class UnifiedModel(nn.Module):
     def encode_images(self, images: Sequence) -> EncodeOutput:
         """PIL images (any mode and size) or paths -> pixel and semantic codes (B, h, w, D) of the image tokenizer."""
         tokenizer = self._require_image_tokenizer()
-        return tokenizer.encode(tokenizer.preprocess(list(images)))
+        return tokenizer.encode(tokenizer.preprocess(images))
 
     def _require_image_tokenizer(self) -> DualTokenizer:
         if self.image_tokenizer is None:
@@ -999,6 +1003,7 @@ class UnifiedModel(nn.Module):
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ConfigError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}], got {max_new_tokens}")
         _check_temperature(temperature)
+        _check_seed(seed)
         question_ids = self.format.encode(question, "question")
         if image is None:
             row, pixel_codes, semantic_codes = self.format.bos + question_ids, None, None
@@ -1060,8 +1065,12 @@ class UnifiedModel(nn.Module):
         ``progress(done_positions, total_positions)`` is called after each position.
         """
         check_sampling(self.config, n, cfg_scale, temperature, top_k, top_p)
-        return self._sample_codes(self.format.encode(prompt, "prompt"), n, cfg_scale != 1.0, cfg_scale, temperature,
-                                  top_k, top_p, seed, progress, use_cache)
+        _check_seed(seed)
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"progress must be None or a callable(done, total), got {progress!r:.80}")
+        return self._sample_codes(self.format.encode(prompt, "prompt"), int(n), cfg_scale != 1.0, float(cfg_scale),
+                                  float(temperature), None if top_k is None else int(top_k),
+                                  None if top_p is None else float(top_p), seed, progress, use_cache)
 
     @torch.inference_mode()  # cheaper per op than no_grad: an image is ~120,000 small ops (RESULTS.md, speed)
     def _sample_codes(self, caption: list[int], n: int, unconditional: bool, cfg_scale: float, temperature: float,
@@ -1104,6 +1113,15 @@ def _depth_nll(logits: Tensor, targets: Tensor) -> Tensor:
     return nll.view(targets.shape).sum(dim=1).mean()
 
 
+MAX_SEED = 2**32 - 1  # a CPU torch.Generator keeps 32 bits of its seed: 0 and 2**32 would draw the same numbers
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed must be None or an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
@@ -1113,38 +1131,41 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_temperature(temperature: float) -> None:
-    if not 0.0 <= temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"temperature must lie in [0, {MAX_TEMPERATURE}], got {temperature}")
+    if not _is_real(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE}], got {temperature!r}")
 
 
 def check_sampling(config: UnifiedConfig, n: int, cfg_scale: float, temperature: float, top_k: int | None,
                    top_p: float | None) -> None:
     """Raise ConfigError naming the first text-to-image sampling setting out of range (``generate_codes`` and
     ``dualtoken.eval unified`` check before any work)."""
-    if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        raise ConfigError(f"n must be an integer in [1, {MAX_IMAGES}], got {n}")
-    if not CFG_RANGE[0] <= cfg_scale <= CFG_RANGE[1]:
-        raise ConfigError(f"cfg_scale must lie in [{CFG_RANGE[0]}, {CFG_RANGE[1]}] (1 = no guidance), got {cfg_scale}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_IMAGES:
+        raise ConfigError(f"n must be an integer in [1, {MAX_IMAGES}], got {n!r}")
+    if not _is_real(cfg_scale) or not CFG_RANGE[0] <= cfg_scale <= CFG_RANGE[1]:
+        raise ConfigError(f"cfg_scale must be a number in [{CFG_RANGE[0]}, {CFG_RANGE[1]}] (1 = no guidance), "
+                          f"got {cfg_scale!r}")
     _check_temperature(temperature)
     k_max = min(config.pixel_codebook_size, config.semantic_codebook_size)
-    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= k_max):
-        raise ConfigError(f"top_k must be an integer in [1, {k_max}] (the codebook size), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                              or not 1 <= top_k <= k_max):
+        raise ConfigError(f"top_k must be None or an integer in [1, {k_max}] (the codebook size), got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
 # -- quantization and devices ---------------------------------------------------------------------------------------
 
 
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} was asked for but CUDA is not available here")
-    return device
+def _expected_int8_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast from")
+
+
+_EXPECTED_INT8_CAST = _expected_int8_cast  # one object, so repeated imports add the filter once
 
 
 def _import_bitsandbytes() -> None:
@@ -1152,6 +1173,8 @@ def _import_bitsandbytes() -> None:
     bitsandbytes 0.50 asks the ``kernels`` package at import time for a Hub-hosted 4-bit matmul: a network call at
     run time (a download where the Hub is reachable, a warning and a stall where it is not). Hiding ``kernels`` for
     the import makes it use the CPU kernels it ships, the same on every machine."""
+    # LLM.int8 casts fp32 inputs to fp16 by design and logs it at every matmul: 448 lines for one answer on CPU.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_EXPECTED_INT8_CAST)  # once: same object
     if sys.modules.get("bitsandbytes") is not None:
         return
     hidden = sys.modules.get("kernels")
@@ -1237,6 +1260,8 @@ def _collect_parts(content: Any, texts: list[str], images: list) -> None:
     elif isinstance(content, dict):
         kind = content.get("type")
         if kind == "file":
+            if content.get("file") is None:
+                raise ConfigError("a file chat part needs a 'file'")
             _collect_parts(content["file"], texts, images)
         elif kind == "image":
             source = next((content[k] for k in ("image", "path", "url") if content.get(k) is not None), None)
@@ -1249,7 +1274,10 @@ def _collect_parts(content: Any, texts: list[str], images: list) -> None:
             images.append(content["path"])
         elif "text" in content or "files" in content:  # {"type": "text", ...} or a MultimodalTextbox value
             _collect_parts(content.get("text", ""), texts, images)
-            for file in content.get("files", []):  # paths or FileData dicts
+            files = content.get("files") or []
+            if isinstance(files, (str, dict)) or not isinstance(files, (list, tuple)):
+                raise ConfigError(f"a chat message's 'files' must be a list of paths or file dicts, got {files!r:.80}")
+            for file in files:  # paths or FileData dicts
                 if isinstance(file, str):
                     images.append(file)
                 else:
