@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,6 +32,23 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.md"]))
     except Exception as e:  # offline, unknown repo, auth: all mean "not available here"
         raise CheckpointError(f"no local folder {path} and the Hub id {name!r} could not be fetched: {e}") from e
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device a model can be loaded onto here, or a ConfigError that says why not."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}: {e}") from e
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise ConfigError(f"device {device} is not supported (cpu, cuda or mps)")
+    if not available[device.type]:
+        raise ConfigError(f"device {device} was asked for but {device.type.upper()} is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device} was asked for but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def check_model_dir(folder: Path, weights: str = WEIGHTS_FILE, allow_sharded: bool = False) -> None:

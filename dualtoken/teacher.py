@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_model_dir, quiet_transformers, resolve_model_dir
+from .checkpoint import check_device, check_model_dir, quiet_transformers, resolve_model_dir
 from .config import load_preset
 from .errors import CheckpointError, ConfigError
 from .text import TextTokenizer
@@ -63,6 +63,7 @@ class Teacher(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "Teacher":
         from transformers import SiglipModel
 
+        device = check_device(device)
         folder = resolve_model_dir(name_or_path)
         check_model_dir(folder, allow_sharded=True)
         try:
