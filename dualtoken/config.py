@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -145,6 +146,8 @@ class DualTokenConfig(JsonConfig):
             sc = self.pixel.shortcut_layer
             if sc is not None and not 1 <= sc < self.pixel.layer:
                 raise ConfigError(f"pixel.shortcut_layer={sc} must lie in 1..{self.pixel.layer - 1}")
+        if not (isinstance(self.image_std, (int, float)) and self.image_std > 0 and math.isfinite(self.image_std)):
+            raise ConfigError(f"image_std must be a positive number (pixels are divided by it), got {self.image_std!r}")
         if self.patch_size > self.image_size:
             raise ConfigError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
         if not self.decoder.channels:

@@ -92,12 +92,17 @@ class TextTokenizer:
     def load(cls, folder: str | Path, max_length: int | None = None) -> "TextTokenizer":
         folder = Path(folder)
         meta_file = folder / TEXT_META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        try:
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}")
         if max_length is None:
             max_length = meta.get("max_length")
-        # Folders saved before the backend was recorded: ours never have a tokenizer_config.json.
+        # Folders saved before the backend was recorded (or without the file): ours never have a tokenizer_config.json.
         backend = meta.get("backend", "transformers" if (folder / "tokenizer_config.json").is_file() else "tokenizers")
-        if meta and backend == "tokenizers" and (folder / TOKENIZER_FILE).is_file():
+        if backend == "tokenizers" and (folder / TOKENIZER_FILE).is_file():
             from tokenizers import Tokenizer
 
             return cls(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), max_length or 16)

@@ -14,23 +14,29 @@ Data flow for ``mode="dual"`` (Table 3 row d), layer numbers 1-indexed as in the
 from __future__ import annotations
 
 import json
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_model_dir, load_state, quiet_transformers, resolve_model_dir,
-                         save_state)
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_device, check_model_dir, load_state, quiet_transformers,
+                         resolve_model_dir, save_state)
 from .config import DualTokenConfig
 from .decoder import PixelDecoder
 from .errors import CheckpointError, CodesError, ConfigError, ImageInputError
-from .imageio import load_image
+from .imageio import ImageSource, load_image
 from .quantizer import ResidualVQ
 from .text import TextTokenizer
+
+_SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview)
+MAX_ASPECT = 16  # longer-to-shorter side beyond which preprocess cuts the long side before resizing
 
 
 @dataclass
@@ -150,6 +156,7 @@ class DualTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "DualTokenizer":
+        device = check_device(device)
         folder = resolve_model_dir(name_or_path)
         check_model_dir(folder)
         config = DualTokenConfig.load(folder / CONFIG_FILE)
@@ -185,11 +192,16 @@ class DualTokenizer(nn.Module):
         return self.config.grid_size
 
     # -- pre/post-processing --------------------------------------------------------------------------------
-    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images of any mode and size -> (B, 3, S, S) normalized tensor (short-side bicubic resize and centre
-        crop)."""
-        if isinstance(images, Image.Image):
-            images = [images]
+    def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
+        """One image or a list of them (PIL images of any mode and size, paths, encoded bytes, HxW[xC] arrays) ->
+        (B, 3, S, S) normalized tensor (short-side bicubic resize and centre crop)."""
+        if isinstance(images, _SINGLE_IMAGE_TYPES) or hasattr(images, "read"):
+            images = [images]  # one array, path or file is one image, not a sequence of rows or characters
+        try:
+            images = list(images)
+        except TypeError:
+            raise ImageInputError(f"preprocess takes an image or a list of images, got {type(images).__name__}") \
+                from None
         if len(images) == 0:
             raise ImageInputError("preprocess got an empty list of images")
         size = self.config.image_size
@@ -199,6 +211,12 @@ class DualTokenizer(nn.Module):
             w, h = img.size
             if w == 0 or h == 0:
                 raise ImageInputError(f"image {i} has zero size ({w}x{h})")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                # Only the centre survives the crop below; cutting the long side first keeps a 1 x 2,000,000 strip
+                # from growing to 64 x 128,000,000 pixels in the resize.
+                cw, ch = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+                img = img.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+                w, h = img.size
             scale = size / min(w, h)
             nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
@@ -342,6 +360,9 @@ class DualTokenizer(nn.Module):
         if self.text_tower is None or self.text_tokenizer is None:
             missing = "text tower" if self.text_tower is None else "text tokenizer"
             raise ConfigError(f"this tokenizer has no {missing}; build it from a SigLIP checkpoint with a text model")
+        if not isinstance(texts, str) and (not isinstance(texts, Sequence) or not texts
+                                           or not all(isinstance(t, str) for t in texts)):
+            raise ConfigError(f"encode_text takes a string or a non-empty list of strings, got {texts!r:.80}")
         ids = self.text_tokenizer(texts).to(self.device)
         with _eval_mode(self):
             return F.normalize(self.text_tower(input_ids=ids).pooler_output, dim=-1)
@@ -353,8 +374,8 @@ class DualTokenizer(nn.Module):
         codes = self.encode(x).pixel_codes
         if depth is not None:
             full = codes.shape[-1]
-            if not 1 <= depth <= full:
-                raise CodesError(f"depth must lie in 1..{full}, got {depth}")
+            if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= full:
+                raise CodesError(f"depth must be an integer in 1..{full}, got {depth!r}")
             codes = codes[..., :depth]
         return self.postprocess(self.decode_codes(codes))[0]
 

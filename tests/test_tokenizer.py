@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dualtoken.errors import CheckpointError, CodesError, DualTokenError, ImageInputError
+from dualtoken.errors import CheckpointError, CodesError, ConfigError, DualTokenError, ImageInputError
 from dualtoken.tokenizer import DualTokenizer
 
 from .conftest import TINY_TEXT, TINY_VISION, micro_config
@@ -170,6 +170,34 @@ def test_from_siglip_reads_a_sharded_checkpoint(tmp_path):
         assert torch.equal(model.tower.state_dict()[k], v), k
 
 
+def test_text_tokenizer_metadata_missing_or_broken(tmp_path):
+    from dualtoken.text import TEXT_META_FILE, TextTokenizer
+
+    tok = TextTokenizer.train_word_level(["a red circle"], max_length=8)
+    tok.save(tmp_path)
+    (tmp_path / TEXT_META_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"{TEXT_META_FILE} is not valid JSON"):
+        TextTokenizer.load(tmp_path)
+    (tmp_path / TEXT_META_FILE).unlink()  # ours all the same: the word-level tokenizer, with the default length
+    assert torch.equal(TextTokenizer.load(tmp_path, max_length=8)(["a red circle"]), tok(["a red circle"]))
+
+
+def test_bad_text_depth_and_normalization_are_named(micro_tokenizer):
+    from dualtoken.config import DualTokenConfig
+    from dualtoken.text import TextTokenizer
+
+    with pytest.raises(ConfigError, match="image_std must be a positive number"):
+        DualTokenConfig.from_dict({**micro_config().to_dict(), "image_std": 0})
+    for depth in (1.5, "2", True, 0):
+        with pytest.raises(CodesError, match="depth must be an integer"):
+            micro_tokenizer.reconstruct(images(1)[0], depth=depth)
+    model = DualTokenizer(micro_config(text=True)).eval()
+    model.text_tokenizer = TextTokenizer.train_word_level(["a red circle"], max_length=8)
+    for texts in ([], None, ["a red circle", 5]):
+        with pytest.raises(ConfigError, match="encode_text takes a string"):
+            model.encode_text(texts)
+
+
 def test_siglip2_is_refused_by_name(tmp_path):
     _save_siglip(tmp_path / "s2", with_text=False)
     cfg = json.loads((tmp_path / "s2" / "config.json").read_text())
@@ -204,6 +232,27 @@ def test_preprocess_every_pil_mode(micro_tokenizer, mode):
     img = Image.new(mode, (45, 31))
     x = micro_tokenizer.preprocess([img])
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+def test_preprocess_takes_one_image_of_any_source(micro_tokenizer, tmp_path):
+    image = images(1)[0]
+    image.save(tmp_path / "one.png")
+    ref = micro_tokenizer.preprocess([image])
+    for one in (image, np.asarray(image), str(tmp_path / "one.png"), tmp_path / "one.png",
+                (tmp_path / "one.png").read_bytes()):
+        assert torch.equal(micro_tokenizer.preprocess(one), ref), type(one)  # one image, not rows or characters
+    assert micro_tokenizer.preprocess(iter([image, image])).shape[0] == 2
+    for bad in (None, 5):
+        with pytest.raises(ImageInputError, match="an image or a list of images"):
+            micro_tokenizer.preprocess(bad)
+
+
+def test_preprocess_of_a_thin_strip_stays_small(micro_tokenizer):
+    # Resizing the short side first would make this 32 x 64,000,000 pixels (6 GB) before the centre crop.
+    strip = Image.new("L", (2_000_000, 1), 200)
+    strip.putpixel((1_000_000, 0), 0)
+    x = micro_tokenizer.preprocess(strip)
+    assert x.shape == (1, 3, 32, 32) and x.min() < x.max()  # the centre, with its dark pixel, survives
 
 
 def test_preprocess_resizes_short_side_and_centre_crops(micro_tokenizer):
@@ -249,6 +298,15 @@ def test_bad_tensors_are_named(micro_tokenizer, bad, message):
 def test_bad_codes_are_named(micro_tokenizer, codes, message):
     with pytest.raises(CodesError, match=message):
         micro_tokenizer.decode_codes(codes)
+
+
+@pytest.mark.parametrize("device, message", [("foo", "unknown device"), ("xla", "not supported"),
+                                             ("meta", "not supported")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))
+def test_bad_devices_are_named(micro_tokenizer, tmp_path, device, message):
+    micro_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(DualTokenError, match=message):
+        DualTokenizer.from_pretrained(tmp_path, device=device)
 
 
 def test_bad_model_folders_are_named(micro_tokenizer, tmp_path):
