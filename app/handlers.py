@@ -23,7 +23,7 @@ from dualtoken.errors import DualTokenError, ImageInputError
 from dualtoken.imageio import load_image
 from dualtoken.metrics import psnr, ssim, to_unit_range
 
-from .models import ModelRegistry
+from .models import ModelRegistry, on_zero_gpu
 
 DISPLAY_SIDE = 256  # images smaller than this are shown upscaled (nearest neighbour, so pixels stay honest)
 
@@ -504,8 +504,7 @@ def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.
     n = _integer("number of images", n, 1, MAX_IMAGES)
     cfg_scale = _number("CFG scale", cfg_scale, *CFG_RANGE)
     temperature = _number("temperature", temperature, *SAMPLING_TEMPERATURE_RANGE)
-    codebook = min(model.config.pixel_codebook_size, model.config.semantic_codebook_size)
-    top_k = _integer("top-k", top_k, 0, codebook)
+    top_k = _integer("top-k", top_k, 0, max_top_k(models))
     top_p = _number("top-p", top_p, 0.01, 1.0)
     seed = _integer("seed", seed, -1, MAX_SEED)
     if seed == -1:
@@ -544,10 +543,20 @@ def _tokenizer_facts(tokenizer) -> dict:
     return facts
 
 
+def max_top_k(models: ModelRegistry, default: int = 1024) -> int:
+    """The largest top-k both heads can honour (the smaller codebook), ``default`` while no unified model is loaded."""
+    if not models.unified.ready:
+        return default
+    cfg = models.unified.model.config
+    return min(cfg.pixel_codebook_size, cfg.semantic_codebook_size)
+
+
 def _unified_facts(model) -> dict:
     cfg = model.config
-    lm_params = sum(p.numel() for p in model.lm.parameters())
-    total = sum(p.numel() for p in model.parameters())
+    # num_parameters counts a 4-bit LM's weights as parameters, not as the packed bytes its tensors hold.
+    lm_params = model.lm.num_parameters()
+    tokenizer_params = sum(p.numel() for p in model.image_tokenizer.parameters()) if model.image_tokenizer else 0
+    own_params = sum(p.numel() for p in model._own_modules().parameters())
     return {
         "lm": model.lm.config.model_type,
         "lm_layers": model.lm.config.num_hidden_layers,
@@ -558,7 +567,8 @@ def _unified_facts(model) -> dict:
         "pixel_codes": [cfg.pixel_depth, cfg.pixel_codebook_size],
         "semantic_codes": [cfg.semantic_depth, cfg.semantic_codebook_size],
         "head_layers": cfg.head_layers,
-        "parameters": {"lm": lm_params, "heads_and_embeddings": total - lm_params, "total": total},
+        "parameters": {"lm": lm_params, "heads_and_embeddings": own_params, "image_tokenizer": tokenizer_params,
+                       "total": lm_params + own_params + tokenizer_params},
     }
 
 
@@ -566,7 +576,7 @@ def memory() -> dict:
     import psutil
 
     out = {"process_rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1)}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not on_zero_gpu():  # ZeroGPU: no GPU outside a call, the figures read 0
         out["cuda_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["cuda_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
     return out
@@ -575,7 +585,9 @@ def memory() -> dict:
 def model_info(models: ModelRegistry) -> dict:
     """What is loaded: per model its source, folder, load time and architecture facts (or why it is missing),
     plus device, quantization and memory."""
-    info: dict[str, Any] = {"device": str(models.device), "quantization": models.quantization or "none",
+    # The loaded model's own quantization (a checkpoint saved quantized loads so without the flag), else the flag.
+    quantization = models.unified.model.quantization if models.unified.ready else models.quantization
+    info: dict[str, Any] = {"device": str(models.device), "quantization": quantization or "none",
                             "memory": memory(), "torch_threads": torch.get_num_threads(), "models": {}}
     for slot in models.slots:
         entry: dict[str, Any] = {"title": slot.title, "source": slot.source,

@@ -62,6 +62,11 @@ def _spaces_module():
 _SPACES = _spaces_module()
 
 
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space: the GPU is attached only inside ``on_gpu`` calls (CUDA memory reads 0 outside them)."""
+    return _SPACES is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
 def on_gpu(duration: int = 60) -> Callable[[Callable], Callable]:
     """``spaces.GPU(duration=...)`` on a Space (a GPU is attached for the call), the identity elsewhere."""
     if _SPACES is None:

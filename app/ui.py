@@ -194,8 +194,10 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
     examples = _examples()
 
     # -- handlers adapted to components ---------------------------------------------------------------------------
-    @user_errors
+    # on_gpu outside user_errors: on a ZeroGPU Space the handler runs in a GPU worker that passes only a gr.Error's
+    # message back to the page (any other exception arrives as "ZeroGPU worker error" and its class name).
     @on_gpu(30)
+    @user_errors
     def reconstruct(image, depth):
         r = handlers.reconstruct(models, image, depth)
         show = handlers.display
@@ -208,8 +210,8 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
             return None, None, [], None, None, ""
         return reconstruct(image, depth)
 
-    @user_errors
     @on_gpu(60)
+    @user_errors
     def clusters(k, projection, color_by, thumbnails, uploads):
         c = handlers.clusters(models, k, projection, color_by, uploads)
         figures = [handlers.cluster_figure(c, space, bool(thumbnails)) for space in (c.pixel, c.semantic)]
@@ -218,16 +220,16 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
     def add_user_message(message, history):
         return (history or []) + handlers.user_message(message)
 
-    @user_errors
     @on_gpu(60)
+    @user_errors
     def chat(message, history, temperature):
         history = add_user_message(message, history)
         yield history, None  # show the question at once and empty the input box
         for h in handlers.chat(models, history, temperature):
             yield h, gr.skip()
 
-    @user_errors
     @on_gpu(60)
+    @user_errors
     def chat_retry(history, temperature):
         history = handlers.without_last_reply(history)
         yield history
@@ -236,8 +238,8 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
     def chat_undo(history):
         return handlers.without_last_turn(history)
 
-    @user_errors
     @on_gpu(120)
+    @user_errors
     def generate(prompt, n, cfg_scale, temperature, top_k, top_p, seed, progress=gr.Progress()):
         def report(done: int, total: int) -> None:
             progress((done, total), desc="Generating token positions", unit="positions")
@@ -373,9 +375,8 @@ def build_demo(models: ModelRegistry) -> gr.Blocks:
                         with gr.Accordion("Sampling", open=False):
                             gen_temperature = gr.Slider(*handlers.SAMPLING_TEMPERATURE_RANGE, value=1.0, step=0.05,
                                                         label="Temperature", info="0 = greedy")
-                            codebook = (models.unified.model.config.pixel_codebook_size if models.unified.ready
-                                        else 1024)
-                            top_k = gr.Slider(0, codebook, value=0, step=1, label="Top-k", info="0 = off")
+                            top_k = gr.Slider(0, handlers.max_top_k(models), value=0, step=1, label="Top-k",
+                                              info="0 = off")
                             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 = off")
                             seed = gr.Number(-1, precision=0, minimum=-1, maximum=handlers.MAX_SEED, label="Seed",
                                              info="-1 = a new random seed each time")

@@ -9,6 +9,7 @@ import struct
 import threading
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -91,6 +92,51 @@ def test_events_sharing_a_concurrency_group_keep_the_groups_limit(models):
             limit = demo._queue.event_queue_per_concurrency_id[fn.concurrency_id].concurrency_limit
             assert limit == CONCURRENCY[name], f"{fn.api_name} runs with concurrency {limit}"
     assert seen == set(CONCURRENCY)
+
+
+def test_input_errors_keep_their_message_on_a_zerogpu_space(models, monkeypatch):
+    """On ZeroGPU a handler runs in a GPU worker that passes only a gr.Error's message back; any other exception
+    reaches the page as "ZeroGPU worker error" and a class name. So the library's errors must become gr.Error inside
+    the GPU call. A stand-in for spaces.GPU with that rule checks the order of the decorators."""
+    import functools
+    import inspect
+
+    import gradio as gr
+
+    import app.models
+    from app.ui import build_demo
+
+    def worker(fn):
+        def forward(e):
+            if isinstance(e, gr.Error):
+                raise e
+            raise gr.Error(f"ZeroGPU worker error: {type(e).__name__}") from e
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def stream(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:
+                    forward(e)
+            return stream
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                forward(e)
+        return call
+
+    monkeypatch.setattr(app.models, "_SPACES", SimpleNamespace(GPU=lambda duration=60: worker))
+    fns = {f.api_name: f.fn for f in build_demo(models).fns.values()}
+    with pytest.raises(gr.Error, match="top-k must be"):
+        fns["generate"]("a red heart", 1, 3.0, 1.0, 10**6, 1.0, 0)
+    with pytest.raises(gr.Error, match="image"):
+        fns["reconstruct"](None, 2)
+    with pytest.raises(gr.Error, match="temperature"):
+        list(fns["chat"]({"text": "what color?", "files": []}, [], 99.0))
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +417,25 @@ def test_model_info_describes_what_is_loaded(client):
     assert base["mode"] == "single"
     assert uni["loaded"] is True and uni["parameters"]["total"] > 0
     assert teacher["loaded"] == "model card only"
+
+
+def test_model_info_counts_each_part_once(models):
+    from app import handlers
+
+    model = models.unified.model
+    counts = handlers.model_info(models)["models"]["unified"]["parameters"]
+    assert counts["lm"] == sum(p.numel() for p in model.lm.parameters())
+    assert counts["image_tokenizer"] == sum(p.numel() for p in model.image_tokenizer.parameters()) > 0
+    assert counts["total"] == sum(p.numel() for p in model.parameters())  # the tokenizer is not counted as heads
+    assert counts["heads_and_embeddings"] == counts["total"] - counts["lm"] - counts["image_tokenizer"]
+    top_k = next(c for c in build_demo_config(models) if c.get("props", {}).get("label") == "Top-k")
+    assert top_k["props"]["maximum"] == handlers.max_top_k(models)  # the slider offers what the handler accepts
+
+
+def build_demo_config(models) -> list[dict]:
+    from app.ui import build_demo
+
+    return build_demo(models).get_config_file()["components"]
 
 
 def test_page_renders_the_model_cards(url):
