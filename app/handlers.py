@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -69,6 +70,11 @@ def _image(source: Any, what: str = "image") -> Image.Image:
             raise
         # Name the file as the user knows it, not by the server's upload path.
         raise ImageInputError(str(e).replace(str(source), Path(source).name)) from e
+
+
+def _unknown_words(model, text: str, most: int = 10) -> list[str]:
+    """Up to ``most`` distinct words of ``text`` outside the model's vocabulary (a closed one: the toy world's)."""
+    return list(dict.fromkeys(model.format.unknown_words(text)))[:most]
 
 
 def _text_read(model, text: str) -> str | None:
@@ -446,6 +452,10 @@ def chat(models: ModelRegistry, history: list[dict] | None, temperature: Any = 0
         limit = model.config.max_text_tokens
         history = history + [{"role": "assistant", "content": f"The model read only this: *{read}*",
                               "metadata": {"title": f"⚠️ Question truncated to its first {limit} tokens"}}]
+    unknown = _unknown_words(model, question if read is None else read)
+    if unknown:  # the same kind of note: the model reads these as <unk>
+        history = history + [{"role": "assistant", "content": "Read as unknown: " + ", ".join(unknown),
+                              "metadata": {"title": "⚠️ Words outside the model's vocabulary"}}]
     reply = {"role": "assistant", "content": ""}
     for text in model.chat(history, max_new_tokens=MAX_REPLY_TOKENS, temperature=temperature):
         reply = {"role": "assistant", "content": text}
@@ -485,13 +495,16 @@ class Generation:
     prompt: str  # what the model read: the prompt, or its first max_text_tokens tokens when it is longer
     truncated: bool = False  # the prompt was longer and was cut to ``prompt``
     max_prompt_tokens: int | None = None  # the model's max_text_tokens
+    unknown_words: list[str] = dataclasses.field(default_factory=list)  # read as <unk> (a closed vocabulary)
 
     @property
     def note(self) -> str:
-        """Markdown for the page: the seed, and the prompt as the model read it."""
+        """Markdown for the page: the seed, the prompt as the model read it, and the words it does not know."""
         read = (f"prompt truncated to its first {self.max_prompt_tokens} tokens: *{self.prompt}*" if self.truncated
                 else f"prompt: *{self.prompt}*")
-        return f"Seed **{self.seed}** (enter it to get these images again), {read}"
+        unknown = (f". Words outside the model's vocabulary, read as unknown: {', '.join(self.unknown_words)}"
+                   if self.unknown_words else "")
+        return f"Seed **{self.seed}** (enter it to get these images again), {read}{unknown}"
 
 
 def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.0, temperature: Any = 1.0,
@@ -514,8 +527,9 @@ def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.
                                    top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed,
                                    progress=progress)
     read = _text_read(model, prompt)  # the model reads an overlong prompt's beginning; report that, not the whole
-    return Generation(images=images, seed=seed, prompt=prompt if read is None else read, truncated=read is not None,
-                      max_prompt_tokens=model.config.max_text_tokens)
+    used = prompt if read is None else read
+    return Generation(images=images, seed=seed, prompt=used, truncated=read is not None,
+                      max_prompt_tokens=model.config.max_text_tokens, unknown_words=_unknown_words(model, used))
 
 
 # -- 5. model info ----------------------------------------------------------------------------------------------------

@@ -280,12 +280,31 @@ def evaluate_vqa(model, samples: Sequence, types: Sequence[str] = VQA_TYPES) -> 
 
 def text_to_image_prompts(n: int, seed: int = 0, categories: Sequence[str] = toy.CATEGORIES) -> list[tuple]:
     """``n`` (color, texture, category) triples: every combination held out of training first, then a seeded
-    sample of the rest, so compositional generalization is always measured."""
+    sample of the rest, so compositional generalization is always measured. Every colour, texture and category is
+    prompted at least once whenever ``n`` leaves room for it: where the seeded order would miss a value, the
+    sampled triples that add no value of their own give way to the first triples of the order that bring one."""
     _check_count("text_to_image_prompts n", n)
     held = sorted(toy.holdout_combinations(categories=categories))
     rest = [(c, t, k) for k in categories for c in toy.COLORS for t in toy.TEXTURES if (c, t, k) not in set(held)]
     order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
-    return (held + [rest[i] for i in order])[:n]
+    chosen = (held + [rest[i] for i in order])[:n]
+    spare = [rest[i] for i in order][max(0, n - len(held)):]
+    values = lambda t: {("color", t[0]), ("texture", t[1]), ("category", t[2])}  # noqa: E731
+    wanted = {("color", c) for c in toy.COLORS} | {("texture", t) for t in toy.TEXTURES} | \
+        {("category", k) for k in categories}
+    for i in range(n - 1, len(held) - 1, -1):  # replace from the end of the sample, so its head stays as it was
+        missing = wanted - set().union(*map(values, chosen))
+        if not missing:
+            break
+        others = set().union(*(values(t) for j, t in enumerate(chosen) if j != i))
+        if values(chosen[i]) - others:
+            continue  # this triple is the only one with some value: keep it
+        bringer = next((t for t in spare if values(t) & missing), None)
+        if bringer is None:
+            break
+        spare.remove(bringer)
+        chosen[i] = bringer
+    return chosen
 
 
 class AttributeJudge:

@@ -225,15 +225,28 @@ class SequenceFormat:
         self.pad = self.eos if text_tokenizer.pad_token_id is None else text_tokenizer.pad_token_id
 
     def encode(self, text: str, what: str) -> list[int]:
-        """Text -> ids without special tokens, cut to max_text_tokens with a warning."""
+        """Text -> ids without special tokens, cut to max_text_tokens with a warning; words outside a closed
+        vocabulary (the toy world's) are read as <unk>, with a warning that names them."""
         if not isinstance(text, str):
             raise ConfigError(f"the {what} must be a string, got {type(text).__name__}")
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        unknown = self.unknown_words(text)
+        if unknown:
+            warnings.warn(f"the {what} has words outside the model's vocabulary, read as <unk>: "
+                          f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}", stacklevel=3)
         limit = self.config.max_text_tokens
         if len(ids) > limit:
             warnings.warn(f"the {what} has {len(ids)} tokens; truncated to max_text_tokens={limit}", stacklevel=3)
             ids = ids[:limit]
         return ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the tokenizer reads as its unknown token, in order (none for byte-level BPE)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not self.tokenizer.is_fast:
+            return []
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
 
     def image(self) -> list[int]:
         return [self.image_start] + [IMAGE_SLOT] * self.config.num_positions + [self.image_end]
@@ -977,7 +990,8 @@ class UnifiedModel(nn.Module):
     def answer(self, image, question: str, max_new_tokens: int = 16, temperature: float = 0.0,
                seed: int | None = None) -> str:
         """The reply to ``question`` about ``image`` (a PIL image of any mode and size, or a path); greedy at
-        temperature 0. Questions longer than max_text_tokens are truncated with a warning."""
+        temperature 0. Questions longer than max_text_tokens are truncated with a warning, and words outside the
+        vocabulary are named in one. An empty question is the captioning format: the reply is a caption."""
         reply = ""
         for reply in self._stream_reply(image, question, max_new_tokens, temperature, seed):
             pass

@@ -386,6 +386,19 @@ def test_generate_notes_a_truncated_prompt_without_echoing_it(client, models):
     assert not g.truncated and g.prompt == whole and "truncated" not in g.note
 
 
+@pytest.mark.filterwarnings("ignore:the (prompt|question) has words outside")  # the library's own warning
+def test_unknown_words_are_named_in_the_notes(models):
+    from app import handlers
+
+    g = handlers.generate(models, "a red zorblax flumph", n=1, cfg_scale=1.0, seed=0)
+    assert g.unknown_words == ["zorblax", "flumph"] and "read as unknown: zorblax, flumph" in g.note
+    assert "unknown" not in handlers.generate(models, "a red striped sneaker", n=1, cfg_scale=1.0, seed=0).note
+    history = handlers.user_message({"text": "what colour is the zorblax?", "files": []})
+    *_, last = handlers.chat(models, history)
+    notes = [m for m in last if m.get("metadata", {}).get("title", "").startswith("⚠️ Words outside")]
+    assert len(notes) == 1 and "colour, zorblax" in notes[0]["content"]  # the toy world spells it "color"
+
+
 def test_generation_reports_progress_per_token_position(models):
     from app import handlers
 

@@ -105,6 +105,18 @@ def test_text_to_image_prompts_put_held_out_combinations_first():
     assert not set(prompts[len(held):]) & held
 
 
+@pytest.mark.parametrize("n", [28, 32, 40, 64])
+def test_text_to_image_prompts_cover_every_attribute_value_when_there_is_room(n):
+    from dualtoken.data import CATEGORIES, COLORS, TEXTURES, holdout_combinations
+
+    prompts = evaluation.text_to_image_prompts(n)
+    assert len(prompts) == len(set(prompts)) == n and set(prompts[: len(holdout_combinations())]) == \
+        holdout_combinations()
+    for values, index in ((COLORS, 0), (TEXTURES, 1), (CATEGORIES, 2)):
+        assert {p[index] for p in prompts} == set(values), index
+    assert evaluation.text_to_image_prompts(64) == evaluation.text_to_image_prompts(100)[:64]  # a plain prefix there
+
+
 def test_unified_eval_cli(setup, tmp_path, capsys):
     from dualtoken.teacher import Teacher
     from dualtoken.text import TextTokenizer
