@@ -173,7 +173,8 @@ def _load_fashion_cached(root: Path, split: str) -> tuple[np.ndarray, np.ndarray
         raise MissingDataError(
             f"Fashion-MNIST not found in {root} (need {images_stem}.gz and {labels_stem}.gz). Install it with "
             f"`apt-get install dataset-fashion-mnist`, point ${FASHION_MNIST_ENV} at a folder holding the idx files, "
-            "or use categories=SHAPE_CATEGORIES, which needs no data set."
+            "or use the shapes alone, which need no data set (categories=SHAPE_CATEGORIES; the trainers' --data "
+            "toy-shapes)."
         )
     images, labels = (_read_idx(p) for p in paths)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):

@@ -350,7 +350,38 @@ def test_full_disk_keeps_previous_checkpoint(teacher, presets, tmp_path, monkeyp
     assert final_state(out)["step"] == 4
 
 
-def test_corrupt_images_in_a_folder_are_skipped_and_counted(teacher, presets, tmp_path):
+def test_trainer_errors_are_one_line_not_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "training.train_tokenizer", "--teacher", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "run"), "--steps", "1"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: no model folder at {tmp_path / 'nowhere'}")
+
+
+def test_a_real_full_disk_at_any_point_of_the_write(tmp_path):
+    """torch.save reports a failed write as RuntimeError or OSError depending on where the disk fills: either way
+    the save returns False, the previous checkpoint stays, no temp file is left. The file-size limit stands in for a
+    full disk (the same write errors), in a child process."""
+    script = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from training.common import Checkpointer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ck = Checkpointer({str(tmp_path)!r})
+payload = {{"step": 1, "x": torch.randn(400_000)}}  # 1.6 MB
+assert ck.save(payload, 1)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+print(ck.save(dict(payload, step=2), 2))
+"""
+    for limit in (5_000, 50_000, 800_000, 1_500_000):
+        done = subprocess.run([sys.executable, "-c", script, str(limit)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.split()[-1] == "False", (limit, done.stderr[-2000:])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"], limit
+        for p in tmp_path.iterdir():
+            p.unlink()
+
+
+def test_corrupt_images_in_a_folder_are_skipped_and_counted(teacher, presets, tmp_path, caplog):
     from dualtoken.data import ImageFolderDataset
 
     folder = tmp_path / "images"
@@ -362,15 +393,19 @@ def test_corrupt_images_in_a_folder_are_skipped_and_counted(teacher, presets, tm
     good = (folder / "ok0.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 3])
 
-    dataset = ImageFolderDataset(folder, captions=False)
-    stream = common.batches(dataset, batch_size=4, seed=0, samples_seen=0, collate=common.pil_images, workers=0)
-    for _ in range(3):  # 12 samples from 10 files: every file visited
-        assert len(next(stream)) == 4
-    assert dataset.skipped == 2
+    for workers in (0, 1):  # in a DataLoader worker the counts live in the worker's copy of the dataset
+        dataset, faults = ImageFolderDataset(folder, captions=False), common.DataFaults()
+        stream = common.batches(dataset, batch_size=4, seed=0, samples_seen=0, collate=common.pil_images,
+                                workers=workers, faults=faults)
+        for _ in range(3):  # 12 samples from 10 files: every file visited
+            assert len(next(stream)) == 4
+        assert faults.skipped == 2 and faults.read_errors == 0, workers
 
-    argv = tokenizer_argv(teacher, presets, tmp_path / "run", "d", "dual", "--steps", "2")
+    argv = tokenizer_argv(teacher, presets, tmp_path / "run", "d", "dual", "--steps", "3", "--workers", "1")
     argv[argv.index("--data") + 1] = f"folder:{folder}"
-    assert train_tokenizer.main(argv) == 0
+    with caplog.at_level("WARNING", logger=common.logger.name):
+        assert train_tokenizer.main(argv) == 0
+    assert "skipped 2 unreadable images" in caplog.text
 
 
 def test_webdataset_stream_resumes_by_skipping(teacher, presets, tmp_path):

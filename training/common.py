@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -178,26 +179,60 @@ class ResumableBatchSampler(Sampler[list[int]]):
             position += self.batch_size * self.world_size
 
 
+class DataFaults:
+    """Unreadable images and shards the data skipped, summed over this process's DataLoader workers.
+
+    Each worker holds its own copy of the dataset and of its ``skipped`` / ``read_errors`` counters; every batch
+    carries its worker's counts back, so the process that trains can report them (``batches(faults=...)``)."""
+
+    def __init__(self):
+        self._latest: dict[int, tuple[int, int]] = {}
+
+    def update(self, worker: int, skipped: int, read_errors: int) -> None:
+        self._latest[worker] = (skipped, read_errors)
+
+    @property
+    def skipped(self) -> int:
+        return sum(s for s, _ in self._latest.values())
+
+    @property
+    def read_errors(self) -> int:
+        return sum(r for _, r in self._latest.values())
+
+
 def batches(dataset: Dataset | IterableDataset, *, batch_size: int, seed: int, samples_seen: int, collate: Callable,
-            workers: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            workers: int, rank: int = 0, world_size: int = 1, faults: DataFaults | None = None) -> Iterator[Any]:
     """Endless collated batches for one rank, continuing at data position ``samples_seen``.
 
     Map-style data follows ``ResumableBatchSampler``. An ``IterableDataset`` (webdataset shards, split over ranks
     and workers by webdataset itself) is replayed from its start with ``samples_seen`` skipped, epoch after epoch.
+    ``faults`` receives the skip counts of the datasets that keep them (image folders, webdataset shards).
     """
+    def counted(samples):  # runs where the batch is built: in its worker, whose dataset copy holds the counts
+        info = torch.utils.data.get_worker_info()
+        source = info.dataset if info is not None else dataset
+        counts = (getattr(source, "skipped", 0), getattr(source, "read_errors", 0))
+        return collate(samples), (info.id if info is not None else -1, *counts)
+
+    def unpack(loader):
+        for batch, (worker, skipped, read_errors) in loader:
+            if faults is not None:
+                faults.update(worker, skipped, read_errors)
+            yield batch
+
     # Its own generator: creating a DataLoader iterator draws a worker base seed, which must not come from (and
     # shift) the global RNG that the checkpoint restores.
-    common = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+    common = dict(num_workers=workers, collate_fn=counted, persistent_workers=workers > 0,
                   generator=torch.Generator().manual_seed(seed))
     if not isinstance(dataset, IterableDataset):
         sampler = ResumableBatchSampler(len(dataset), batch_size, seed, samples_seen, rank, world_size)
-        yield from DataLoader(dataset, batch_sampler=sampler, **common)
+        yield from unpack(DataLoader(dataset, batch_sampler=sampler, **common))
         return
     skip = samples_seen // (batch_size * world_size)  # batches this rank already consumed
     loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)
     while True:
         empty = True
-        for batch in loader:
+        for batch in unpack(loader):
             empty = False
             if skip:
                 skip -= 1
@@ -265,6 +300,9 @@ class Checkpointer:
         """Write atomically; on ``OSError`` (full disk, lost mount) report it, keep the previous checkpoints and
         return False."""
         final = self.path(step)
+        for stale in self.folder.glob(".ckpt-*.tmp-*"):  # left by a run killed mid-write: space on a full disk
+            if not stale.name.endswith(f".tmp-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
         try:
             atomic_torch_save(payload, final)
         except OSError as e:
@@ -294,12 +332,15 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (ENOSPC, EFBIG) this way
+                raise OSError(f"could not write {tmp.name}: {e}") from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError:
+    except BaseException:  # a full disk, or an interrupt mid-write: never leave the half-written temp file
         tmp.unlink(missing_ok=True)
         raise
 
@@ -624,6 +665,18 @@ def model_card(title: str, summary: str, facts: dict[str, str], metrics: dict[st
         lines += ["", "## Held-out measurements", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """A trainer's exit status: the library's errors (missing data, a bad flag value, a checkpoint that does not
+    fit) are printed as one ``error:`` line, not a traceback; anything else is a bug and keeps its traceback."""
+    from dualtoken.errors import DualTokenError
+
+    try:
+        return main()
+    except DualTokenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

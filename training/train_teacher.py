@@ -36,8 +36,8 @@ from dualtoken.teacher import Teacher, pairwise_sigmoid_loss
 from dualtoken.text import TextTokenizer
 
 from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16,
-                             images_to_tensor, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
-                             toy_eval_set, toy_world, warmup_cosine)
+                             images_to_tensor, load_preset_arg, logger, make_accelerator, model_card, run_cli,
+                             seed_everything, toy_eval_set, toy_world, warmup_cosine)
 from training.locality import add_start_arguments, apply_start, local_start
 
 # Settings that may change when a run is resumed; everything else must match the checkpoint.
@@ -295,4 +295,4 @@ def _architecture(preset: dict, tok: TextTokenizer) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

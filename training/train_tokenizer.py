@@ -35,9 +35,9 @@ from dualtoken.eval import evaluate_tokenizer
 from dualtoken.teacher import Teacher
 from dualtoken.tokenizer import DualTokenizer
 
-from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, batches, export_fp16, load_preset_arg,
-                             logger, make_accelerator, model_card, pil_images, seed_everything, toy_eval_set, toy_world,
-                             warmup_cosine)
+from training.common import (DataFaults, HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, batches,
+                             export_fp16, load_preset_arg, logger, make_accelerator, model_card, pil_images, run_cli,
+                             seed_everything, toy_eval_set, toy_world, warmup_cosine)
 from training.losses import (LossWeights, LPIPSVGG, PatchDiscriminator, TeacherPerceptualLoss, adaptive_gan_weight,
                              hinge_d_loss, hinge_g_loss, semantic_loss)
 
@@ -242,14 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         return logs
 
     dataset = training_data(args.data, args.train_size, cfg.image_size)
+    faults = DataFaults()
     data = batches(dataset, batch_size=args.batch_size, seed=args.seed, samples_seen=run.samples_seen,
                    collate=pil_images, workers=args.workers, rank=accelerator.process_index,
-                   world_size=accelerator.num_processes)
+                   world_size=accelerator.num_processes, faults=faults)
     model.train()
     disc.train()
     run.loop(data, train_step)
-    if getattr(dataset, "skipped", 0):
-        logger.warning("skipped %d unreadable images in this process", dataset.skipped)
+    if faults.skipped or faults.read_errors:
+        logger.warning("rank %d skipped %d unreadable images and %d unreadable shards or tar members (each named "
+                       "in a warning above)", accelerator.process_index, faults.skipped, faults.read_errors)
 
     if args.dump_codebooks:  # debug: every rank writes its codebooks, to check that ranks agree
         folder = Path(args.dump_codebooks)
@@ -296,4 +298,4 @@ def _card(args, row: Row, run: TrainingRun, cfg, metrics: dict[str, float]) -> s
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

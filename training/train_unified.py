@@ -36,9 +36,9 @@ from dualtoken.eval import evaluate_vqa, toy_vqa_set
 from dualtoken.tokenizer import DualTokenizer
 from dualtoken.unified import TASKS, UnifiedExample, UnifiedModel
 
-from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save, batches,
-                             export_fp16, load_preset_arg, logger, make_accelerator, model_card, seed_everything,
-                             toy_world, warmup_cosine)
+from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save,
+                             batches, export_fp16, load_preset_arg, logger, make_accelerator, model_card, run_cli,
+                             seed_everything, toy_world, warmup_cosine)
 
 MUTABLE = ("steps", "save_every", "log_every", "keep", "workers", "export", "eval_size", "mixed_precision", "out",
            "threads", "encode_batch", "codes")
@@ -264,4 +264,4 @@ def _card(args, run: TrainingRun, model: UnifiedModel, tasks: dict[str, float], 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
