@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,7 @@ from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, check_device, check_model_di
 from .config import DualTokenConfig
 from .decoder import PixelDecoder
 from .errors import CheckpointError, CodesError, ConfigError, ImageInputError
-from .imageio import ImageSource, load_image
+from .imageio import MAX_PIXELS, ImageSource, load_image
 from .quantizer import ResidualVQ
 from .text import TextTokenizer
 
@@ -193,9 +194,11 @@ class DualTokenizer(nn.Module):
 
     # -- pre/post-processing --------------------------------------------------------------------------------
     def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
-        """One image or a list of them (PIL images of any mode and size, paths, encoded bytes, HxW[xC] arrays) ->
-        (B, 3, S, S) normalized tensor (short-side bicubic resize and centre crop)."""
-        if isinstance(images, _SINGLE_IMAGE_TYPES) or hasattr(images, "read"):
+        """One image or a list of them (PIL images of any mode and size, paths, encoded bytes, HxW[xC] arrays; a
+        BxHxWxC array is a batch) -> (B, 3, S, S) normalized tensor (short-side bicubic resize and centre crop)."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # (B, H, W, C): a batch
+        elif isinstance(images, _SINGLE_IMAGE_TYPES) or hasattr(images, "read"):
             images = [images]  # one array, path or file is one image, not a sequence of rows or characters
         try:
             images = list(images)
@@ -207,7 +210,10 @@ class DualTokenizer(nn.Module):
         size = self.config.image_size
         out = []
         for i, img in enumerate(images):
-            img = load_image(img)  # PIL images, paths, bytes, arrays: the same checks as files, then RGB
+            # Paths, bytes, arrays, PIL images: the same checks as files, then RGB. An image already decoded in memory
+            # is past the decompression-bomb cap's purpose (a 48 MP photo is ordinary); the strip crop below bounds
+            # what the resize allocates.
+            img = load_image(img, max_pixels=sys.maxsize if isinstance(img, Image.Image) else MAX_PIXELS)
             w, h = img.size
             if w == 0 or h == 0:
                 raise ImageInputError(f"image {i} has zero size ({w}x{h})")

@@ -877,11 +877,19 @@ class UnifiedModel(nn.Module):
             text_tokenizer = tokenizer_class.from_pretrained(lm_dir, local_files_only=True)
             # No quantization_config for a saved quantized LM: its own config.json carries it.
             quantize = {} if quantization_config is None else {"quantization_config": quantization_config}
-            with quiet_transformers():  # its load report would print a table before the error below
-                lm = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True, dtype=dtype,
-                                                          device_map={"": str(device)}, **quantize)
+            with quiet_transformers():  # its load report would print a table; the keys are checked below instead
+                lm, report = AutoModelForCausalLM.from_pretrained(
+                    lm_dir, local_files_only=True, dtype=dtype, device_map={"": str(device)},
+                    output_loading_info=True, **quantize)
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit lm/config.json
             raise CheckpointError(f"cannot load the language model in {lm_dir}: {e}") from e
+        # transformers starts missing weights at random and only logs it: a checkpoint must hold every weight.
+        faults = {kind: sorted(map(str, report.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                               "mismatched_keys")}
+        if any(faults.values()):
+            raise CheckpointError(f"the language model in {lm_dir} does not match its config.json: " + "; ".join(
+                f"{kind.replace('_', ' ')}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for kind, keys in faults.items() if keys))
         model = cls(config, lm, text_tokenizer, image_tokenizer)
         load_state(model._own_modules(), folder / WEIGHTS_FILE)
         # The depth heads stay float32 whatever ``dtype`` is: they are small, and HeadSampler folds their norms into

@@ -242,6 +242,8 @@ def test_preprocess_takes_one_image_of_any_source(micro_tokenizer, tmp_path):
                 (tmp_path / "one.png").read_bytes()):
         assert torch.equal(micro_tokenizer.preprocess(one), ref), type(one)  # one image, not rows or characters
     assert micro_tokenizer.preprocess(iter([image, image])).shape[0] == 2
+    assert torch.equal(micro_tokenizer.preprocess(np.stack([np.asarray(image)] * 2)), torch.cat([ref, ref]))  # batch
+    assert micro_tokenizer.preprocess(Image.new("RGB", (8000, 6000))).shape[0] == 1  # decoded: no bomb cap
     for bad in (None, 5):
         with pytest.raises(ImageInputError, match="an image or a list of images"):
             micro_tokenizer.preprocess(bad)

@@ -408,6 +408,24 @@ def test_corrupt_images_in_a_folder_are_skipped_and_counted(teacher, presets, tm
     assert "skipped 2 unreadable images" in caplog.text
 
 
+def test_batches_work_with_spawned_workers():
+    """Workers started by spawn or forkserver (macOS, Windows; Linux from Python 3.14) pickle the collate."""
+    script = f"""
+import multiprocessing, sys
+sys.path.insert(0, {str(REPO)!r})
+from training import common
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    faults = common.DataFaults()
+    data = common.batches(common.toy_world("train", 16, 32, "toy-shapes"), batch_size=4, seed=0, samples_seen=0,
+                          collate=common.pil_images, workers=1, faults=faults)
+    print(len(next(data)), faults.skipped)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and done.stdout.split() == ["4", "0"], done.stderr[-2000:]
+
+
 def test_webdataset_stream_resumes_by_skipping(teacher, presets, tmp_path):
     class Numbers(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -428,6 +428,18 @@ def test_lm_weights_that_do_not_fit_their_config(model, tmp_path):
         UnifiedModel.from_pretrained(tmp_path)
 
 
+def test_lm_weights_missing_from_the_checkpoint(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "lm" / "model.safetensors")
+    key = next(k for k in weights if "layers.0.mlp.down_proj" in k)
+    save_file({k: v for k, v in weights.items() if k != key}, tmp_path / "lm" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"missing keys: {key}"):  # not silently started at random
+        UnifiedModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("content, message", [
     ({"type": "file"}, "needs a 'file'"),
     ({"text": "what?", "files": "/some/image.png"}, "must be a list"),

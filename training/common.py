@@ -200,6 +200,20 @@ class DataFaults:
         return sum(r for _, r in self._latest.values())
 
 
+class _CountingCollate:
+    """``collate`` plus the skip counts of the dataset copy that built the batch (its worker's, or ``dataset`` in
+    the main process). A class at module level, not a closure: spawn and forkserver workers must pickle it."""
+
+    def __init__(self, collate: Callable, dataset):
+        self.collate, self.dataset = collate, dataset
+
+    def __call__(self, samples):
+        info = torch.utils.data.get_worker_info()
+        source = info.dataset if info is not None else self.dataset
+        counts = (getattr(source, "skipped", 0), getattr(source, "read_errors", 0))
+        return self.collate(samples), (info.id if info is not None else -1, *counts)
+
+
 def batches(dataset: Dataset | IterableDataset, *, batch_size: int, seed: int, samples_seen: int, collate: Callable,
             workers: int, rank: int = 0, world_size: int = 1, faults: DataFaults | None = None) -> Iterator[Any]:
     """Endless collated batches for one rank, continuing at data position ``samples_seen``.
@@ -208,11 +222,7 @@ def batches(dataset: Dataset | IterableDataset, *, batch_size: int, seed: int, s
     and workers by webdataset itself) is replayed from its start with ``samples_seen`` skipped, epoch after epoch.
     ``faults`` receives the skip counts of the datasets that keep them (image folders, webdataset shards).
     """
-    def counted(samples):  # runs where the batch is built: in its worker, whose dataset copy holds the counts
-        info = torch.utils.data.get_worker_info()
-        source = info.dataset if info is not None else dataset
-        counts = (getattr(source, "skipped", 0), getattr(source, "read_errors", 0))
-        return collate(samples), (info.id if info is not None else -1, *counts)
+    counted = _CountingCollate(collate, dataset)
 
     def unpack(loader):
         for batch, (worker, skipped, read_errors) in loader:
