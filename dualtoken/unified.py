@@ -832,7 +832,7 @@ class UnifiedModel(nn.Module):
         are new. The preset gives the heads and the code shapes (taken from ``image_tokenizer`` when given).
         Without an image tokenizer the model trains and runs on codes; ``answer`` and ``generate_images`` need one.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         folder = resolve_model_dir(lm)
         config = UnifiedConfig.from_preset(preset, **overrides)
@@ -840,10 +840,9 @@ class UnifiedModel(nn.Module):
         config = replace(config, lm=str(lm), text_tokenizer=None, **codes)
         try:
             text_tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            causal_lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot load a causal LM and its tokenizer from {folder}: {e}") from e
-        return cls(config, causal_lm, text_tokenizer, image_tokenizer)
+            raise CheckpointError(f"cannot load the LM's tokenizer from {folder}: {e}") from e
+        return cls(config, _load_causal_lm(folder, dtype=dtype), text_tokenizer, image_tokenizer)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, quantization: str | None = None,
@@ -851,7 +850,7 @@ class UnifiedModel(nn.Module):
         """Load a saved model. ``quantization`` ("8bit" or "4bit", bitsandbytes) applies to the LM only, on CPU or
         CUDA; a checkpoint saved from a quantized model loads quantized as it is. ``dtype`` of the unquantized
         parts but the depth heads (always float32): float32 on CPU and bfloat16 on CUDA by default."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         folder = resolve_model_dir(name_or_path)
         check_model_dir(folder)
@@ -875,21 +874,11 @@ class UnifiedModel(nn.Module):
             # toy-world vocabulary too; it is a plain `tokenizers` tokenizer.
             tokenizer_class = PreTrainedTokenizerFast if config.text_tokenizer == TOY_WORLD else AutoTokenizer
             text_tokenizer = tokenizer_class.from_pretrained(lm_dir, local_files_only=True)
-            # No quantization_config for a saved quantized LM: its own config.json carries it.
-            quantize = {} if quantization_config is None else {"quantization_config": quantization_config}
-            with quiet_transformers():  # its load report would print a table; the keys are checked below instead
-                lm, report = AutoModelForCausalLM.from_pretrained(
-                    lm_dir, local_files_only=True, dtype=dtype, device_map={"": str(device)},
-                    output_loading_info=True, **quantize)
-        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit lm/config.json
-            raise CheckpointError(f"cannot load the language model in {lm_dir}: {e}") from e
-        # transformers starts missing weights at random and only logs it: a checkpoint must hold every weight.
-        faults = {kind: sorted(map(str, report.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
-                                                                               "mismatched_keys")}
-        if any(faults.values()):
-            raise CheckpointError(f"the language model in {lm_dir} does not match its config.json: " + "; ".join(
-                f"{kind.replace('_', ' ')}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for kind, keys in faults.items() if keys))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot load the LM's tokenizer from {lm_dir}: {e}") from e
+        # No quantization_config for a saved quantized LM: its own config.json carries it.
+        quantize = {} if quantization_config is None else {"quantization_config": quantization_config}
+        lm = _load_causal_lm(lm_dir, dtype=dtype, device_map={"": str(device)}, **quantize)
         model = cls(config, lm, text_tokenizer, image_tokenizer)
         load_state(model._own_modules(), folder / WEIGHTS_FILE)
         # The depth heads stay float32 whatever ``dtype`` is: they are small, and HeadSampler folds their norms into
@@ -1188,6 +1177,26 @@ def _expected_int8_cast(record: logging.LogRecord) -> bool:
 
 
 _EXPECTED_INT8_CAST = _expected_int8_cast  # one object, so repeated imports add the filter once
+
+
+def _load_causal_lm(folder: Path, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)`` that fails by name on weights that do not fit the
+    folder's config.json: transformers would start missing weights at random and only log it."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_transformers():  # its load report would print a table; the keys are checked below instead
+            lm, report = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                              **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of the wrong shape
+        raise CheckpointError(f"cannot load the language model in {folder}: {e}") from e
+    faults = {kind: sorted(map(str, report.get(kind) or ())) for kind in ("missing_keys", "unexpected_keys",
+                                                                           "mismatched_keys")}
+    if any(faults.values()):
+        raise CheckpointError(f"the language model in {folder} does not match its config.json: " + "; ".join(
+            f"{kind.replace('_', ' ')}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for kind, keys in faults.items() if keys))
+    return lm
 
 
 def _import_bitsandbytes() -> None:
