@@ -104,24 +104,34 @@ class ImageInput(gr.Image):
         return str(payload.path)
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Re-raise the library's input errors as gr.Error, whose message the page and API clients show."""
+def wrap_errors(fn: Callable, catch: type[BaseException], convert: Callable[[BaseException], None]) -> Callable:
+    """``fn`` (a function or a generator function, kept as such for Gradio's streaming) with its ``catch``
+    exceptions handed to ``convert``, which raises what the caller should see."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def stream(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except DualTokenError as e:
-                raise gr.Error(str(e), print_exception=False) from e
+            except catch as e:
+                convert(e)
         return stream
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except DualTokenError as e:
-            raise gr.Error(str(e), print_exception=False) from e
+        except catch as e:
+            convert(e)
     return call
+
+
+def _as_gr_error(e: BaseException) -> None:
+    raise gr.Error(str(e), print_exception=False) from e
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Re-raise the library's input errors as gr.Error, whose message the page and API clients show."""
+    return wrap_errors(fn, DualTokenError, _as_gr_error)
 
 
 def fresh(image: Image.Image) -> Image.Image:

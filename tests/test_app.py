@@ -98,36 +98,18 @@ def test_input_errors_keep_their_message_on_a_zerogpu_space(models, monkeypatch)
     """On ZeroGPU a handler runs in a GPU worker that passes only a gr.Error's message back; any other exception
     reaches the page as "ZeroGPU worker error" and a class name. So the library's errors must become gr.Error inside
     the GPU call. A stand-in for spaces.GPU with that rule checks the order of the decorators."""
-    import functools
-    import inspect
-
     import gradio as gr
 
     import app.models
-    from app.ui import build_demo
+    from app.ui import build_demo, wrap_errors
+
+    def forward(e):
+        if isinstance(e, gr.Error):
+            raise e
+        raise gr.Error(f"ZeroGPU worker error: {type(e).__name__}") from e
 
     def worker(fn):
-        def forward(e):
-            if isinstance(e, gr.Error):
-                raise e
-            raise gr.Error(f"ZeroGPU worker error: {type(e).__name__}") from e
-
-        if inspect.isgeneratorfunction(fn):
-            @functools.wraps(fn)
-            def stream(*args, **kwargs):
-                try:
-                    yield from fn(*args, **kwargs)
-                except Exception as e:
-                    forward(e)
-            return stream
-
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                forward(e)
-        return call
+        return wrap_errors(fn, Exception, forward)
 
     monkeypatch.setattr(app.models, "_SPACES", SimpleNamespace(GPU=lambda duration=60: worker))
     fns = {f.api_name: f.fn for f in build_demo(models).fns.values()}
