@@ -466,6 +466,8 @@ def unified_main(argv: list[str] | None = None) -> int:
             raise DualTokenError(f"--judge-ceiling must be >= 0, got {args.judge_ceiling}")
         if args.judge_ceiling and not args.teacher:
             raise DualTokenError("--judge-ceiling needs --teacher (the judge)")
+        if args.t2i_prompts and not args.teacher:  # the default asks for it: a note, not an error
+            print("note: text-to-image is skipped without --teacher, which judges the images", file=sys.stderr)
         teacher = Teacher.from_pretrained(args.teacher) if args.teacher else None
         results = {}
         for spec in args.model:

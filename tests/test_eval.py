@@ -276,6 +276,13 @@ def test_library_rejects_negative_counts_and_empty_sets(saved):
         ev.evaluate_tokenizer(tokenizer, sets=[ev.EvalSet("empty", [], None, None)])
 
 
+def test_unified_cli_says_text_to_image_needs_a_teacher(tmp_path, capsys):
+    ev.unified_main(["--model", f"m={tmp_path / 'nowhere'}", "--n", "0"])  # the load fails after the checks
+    assert "text-to-image is skipped without --teacher" in capsys.readouterr().err
+    ev.unified_main(["--model", f"m={tmp_path / 'nowhere'}", "--n", "0", "--t2i-prompts", "0"])
+    assert "text-to-image is skipped" not in capsys.readouterr().err
+
+
 def test_unified_zero_counts_skip_their_part(monkeypatch):
     """0 still means "skip": --n 0 --t2i-prompts N runs text-to-image alone (as RESULTS.md does), and
     --t2i-prompts 0 runs no text-to-image."""
