@@ -210,6 +210,16 @@ class UnifiedBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
+def _warn_caller(message: str) -> None:
+    """A UserWarning attributed to the first frame outside this package and torch (whose decorators wrap the
+    public methods), i.e. to the user's call, wherever in the call chain it is raised."""
+    skip = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1)
+
+
 class SequenceFormat:
     """Builds the token-id rows of the three sequence formats (module docstring) for one text tokenizer."""
 
@@ -232,11 +242,11 @@ class SequenceFormat:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         unknown = self.unknown_words(text)
         if unknown:
-            warnings.warn(f"the {what} has words outside the model's vocabulary, read as <unk>: "
-                          f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}", stacklevel=3)
+            _warn_caller(f"the {what} has words outside the model's vocabulary, read as <unk>: "
+                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
         limit = self.config.max_text_tokens
         if len(ids) > limit:
-            warnings.warn(f"the {what} has {len(ids)} tokens; truncated to max_text_tokens={limit}", stacklevel=3)
+            _warn_caller(f"the {what} has {len(ids)} tokens; truncated to max_text_tokens={limit}")
             ids = ids[:limit]
         return ids
 

@@ -394,8 +394,9 @@ def test_prompts_and_images_of_any_kind(model):
     assert model.generate_codes("", seed=0)[0].shape == (1, 8, 8, 3)  # empty prompt: unconditional
     with pytest.warns(UserWarning, match="outside the model's vocabulary, read as <unk>: zorblax, flumph"):
         assert model.generate_codes("a zorblax of flumph", seed=0)[0].shape == (1, 8, 8, 3)
-    with pytest.warns(UserWarning, match="prompt has 60 tokens; truncated"):
+    with pytest.warns(UserWarning, match="prompt has 60 tokens; truncated") as caught:
         model.generate_codes("red " * 60, seed=0)
+    assert caught[0].filename == __file__  # attributed to the caller, not to the library or torch's wrappers
     with pytest.warns(UserWarning, match="question has"):
         model.answer(Image.new("RGB", (16, 16)), "what " * 40, max_new_tokens=1)
     rng = np.random.default_rng(0)
