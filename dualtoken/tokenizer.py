@@ -213,7 +213,8 @@ class DualTokenizer(nn.Module):
             # Paths, bytes, arrays, PIL images: the same checks as files, then RGB. An image already decoded in memory
             # is past the decompression-bomb cap's purpose (a 48 MP photo is ordinary); the strip crop below bounds
             # what the resize allocates.
-            img = load_image(img, max_pixels=sys.maxsize if isinstance(img, Image.Image) else MAX_PIXELS)
+            decoded = isinstance(img, Image.Image) and getattr(img, "fp", None) is None  # Image.open only reads a header
+            img = load_image(img, max_pixels=sys.maxsize if decoded else MAX_PIXELS)
             w, h = img.size
             if w == 0 or h == 0:
                 raise ImageInputError(f"image {i} has zero size ({w}x{h})")

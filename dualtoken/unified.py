@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import numbers
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field, replace
@@ -213,7 +214,7 @@ class UnifiedBatch:
 def _warn_caller(message: str) -> None:
     """A UserWarning attributed to the first frame outside this package and torch (whose decorators wrap the
     public methods), i.e. to the user's call, wherever in the call chain it is raised."""
-    skip = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+    skip = tuple(os.path.join(str(Path(m.__file__).resolve().parent), "") for m in (sys.modules[__package__], torch))
     frame, level = sys._getframe(1), 1
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(skip):
         frame, level = frame.f_back, level + 1

@@ -243,7 +243,11 @@ def test_preprocess_takes_one_image_of_any_source(micro_tokenizer, tmp_path):
         assert torch.equal(micro_tokenizer.preprocess(one), ref), type(one)  # one image, not rows or characters
     assert micro_tokenizer.preprocess(iter([image, image])).shape[0] == 2
     assert torch.equal(micro_tokenizer.preprocess(np.stack([np.asarray(image)] * 2)), torch.cat([ref, ref]))  # batch
-    assert micro_tokenizer.preprocess(Image.new("RGB", (8000, 6000))).shape[0] == 1  # decoded: no bomb cap
+    big = Image.new("RGB", (8000, 6000))
+    assert micro_tokenizer.preprocess(big).shape[0] == 1  # decoded in memory already: no decompression-bomb cap
+    big.save(tmp_path / "big.png")
+    with pytest.raises(ImageInputError, match="too large"):  # opened lazily: the cap applies before decoding
+        micro_tokenizer.preprocess(Image.open(tmp_path / "big.png"))
     for bad in (None, 5):
         with pytest.raises(ImageInputError, match="an image or a list of images"):
             micro_tokenizer.preprocess(bad)
