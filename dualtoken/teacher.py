@@ -20,6 +20,7 @@ from .checkpoint import check_device, check_model_dir, quiet_transformers, resol
 from .config import load_preset
 from .errors import CheckpointError, ConfigError
 from .text import TextTokenizer
+from .tokenizer import pool
 
 
 @dataclass
@@ -105,14 +106,10 @@ class Teacher(nn.Module):
             h = block(h, None)
             if i == layer:
                 layer_features = h
-        return TeacherFeatures(layer_features=layer_features, pooled=self._pool(v.post_layernorm(h)))
-
-    def _pool(self, h: torch.Tensor) -> torch.Tensor:
-        """The pooling rule of ``DualTokenizer``: the attention-pooling head, or the mean where the tower has none."""
-        return self.vision.head(h) if self.vision.use_head else h.mean(dim=1)
+        return TeacherFeatures(layer_features=layer_features, pooled=pool(v, v.post_layernorm(h)))
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self._pool(self.vision(pixel_values=pixel_values).last_hidden_state), dim=-1)
+        return F.normalize(pool(self.vision, self.vision(pixel_values=pixel_values).last_hidden_state), dim=-1)
 
     def text_embeds_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.text_model(input_ids=input_ids).pooler_output, dim=-1)

@@ -40,6 +40,12 @@ _SINGLE_IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike, bytes, bytearr
 MAX_ASPECT = 16  # longer-to-shorter side beyond which preprocess cuts the long side before resizing
 
 
+def pool(tower: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pooled embedding of a tower's post-layernorm states (B, N, width): its attention-pooling head, or the
+    mean where the tower has none. One rule for the tokenizer's semantic branch and the teacher it is distilled from."""
+    return tower.head(h) if tower.use_head else h.mean(dim=1)
+
+
 @dataclass
 class EncodeOutput:
     pixel_codes: torch.Tensor  # (B, h, w, D_pix) int64
@@ -287,8 +293,7 @@ class DualTokenizer(nn.Module):
         features = h
         for layer in self.tower.encoder.layers[self.config.semantic.layer:]:
             h = layer(h, None)
-        h = self.tower.post_layernorm(h)
-        pooled = self.tower.head(h) if self.tower.use_head else h.mean(dim=1)
+        pooled = pool(self.tower, self.tower.post_layernorm(h))
         return features, pooled
 
     def _to_grid(self, t: torch.Tensor) -> torch.Tensor:
