@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -75,23 +74,6 @@ def _image(source: Any, what: str = "image") -> Image.Image:
 def _unknown_words(model, text: str, most: int = 10) -> list[str]:
     """Up to ``most`` distinct words of ``text`` outside the model's vocabulary (a closed one: the toy world's)."""
     return list(dict.fromkeys(model.format.unknown_words(text)))[:most]
-
-
-def _text_read(model, text: str) -> str | None:
-    """The beginning of ``text`` that the unified model reads, or None when it reads all of it.
-
-    The model cuts prompts and questions to ``max_text_tokens`` tokens (``SequenceFormat.encode``) and only warns in
-    the server log; this finds the cut with the same tokenizer call, so the page can say what was used. The cut is
-    given in the user's own characters (token offsets), since decoding would lowercase the toy vocabulary's words
-    and drop the unknown ones."""
-    tokenizer, limit = model.text_tokenizer, model.config.max_text_tokens
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
-    ids = encoded["input_ids"]
-    if len(ids) <= limit:
-        return None
-    if tokenizer.is_fast:
-        return text[:encoded["offset_mapping"][limit - 1][1]].strip()
-    return tokenizer.decode(ids[:limit], skip_special_tokens=True).strip()
 
 
 # -- display helpers --------------------------------------------------------------------------------------------------
@@ -447,7 +429,7 @@ def chat(models: ModelRegistry, history: list[dict] | None, temperature: Any = 0
     # An overlong question is answered from its beginning, and a note (a titled "thought" message before the reply;
     # retry and undo remove it with the reply) says so and shows the part that was read.
     _, question = parse_chat(history)
-    read = _text_read(model, question)
+    read = model.format.read_prefix(question)
     if read is not None:
         limit = model.config.max_text_tokens
         history = history + [{"role": "assistant", "content": f"The model read only this: *{read}*",
@@ -495,7 +477,7 @@ class Generation:
     prompt: str  # what the model read: the prompt, or its first max_text_tokens tokens when it is longer
     truncated: bool = False  # the prompt was longer and was cut to ``prompt``
     max_prompt_tokens: int | None = None  # the model's max_text_tokens
-    unknown_words: list[str] = dataclasses.field(default_factory=list)  # read as <unk> (a closed vocabulary)
+    unknown_words: list[str] = field(default_factory=list)  # read as <unk> (a closed vocabulary)
 
     @property
     def note(self) -> str:
@@ -526,7 +508,7 @@ def generate(models: ModelRegistry, prompt: Any, n: Any = 4, cfg_scale: Any = 3.
     images = model.generate_images(prompt, n=n, cfg_scale=cfg_scale, temperature=temperature,
                                    top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, seed=seed,
                                    progress=progress)
-    read = _text_read(model, prompt)  # the model reads an overlong prompt's beginning; report that, not the whole
+    read = model.format.read_prefix(prompt)  # an overlong prompt is read from its beginning: report that part
     used = prompt if read is None else read
     return Generation(images=images, seed=seed, prompt=used, truncated=read is not None,
                       max_prompt_tokens=model.config.max_text_tokens, unknown_words=_unknown_words(model, used))

@@ -287,8 +287,9 @@ def text_to_image_prompts(n: int, seed: int = 0, categories: Sequence[str] = toy
     held = sorted(toy.holdout_combinations(categories=categories))
     rest = [(c, t, k) for k in categories for c in toy.COLORS for t in toy.TEXTURES if (c, t, k) not in set(held)]
     order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = (held + [rest[i] for i in order])[:n]
-    spare = [rest[i] for i in order][max(0, n - len(held)):]
+    sampled = [rest[i] for i in order]
+    chosen = (held + sampled)[:n]
+    spare = sampled[max(0, n - len(held)):]
     values = lambda t: {("color", t[0]), ("texture", t[1]), ("category", t[2])}  # noqa: E731
     wanted = {("color", c) for c in toy.COLORS} | {("texture", t) for t in toy.TEXTURES} | \
         {("category", k) for k in categories}

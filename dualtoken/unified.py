@@ -240,8 +240,8 @@ class SequenceFormat:
         vocabulary (the toy world's) are read as <unk>, with a warning that names them."""
         if not isinstance(text, str):
             raise ConfigError(f"the {what} must be a string, got {type(text).__name__}")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        unknown = self.unknown_words(text)
+        ids, offsets = self._tokenize(text)
+        unknown = self._unknown(text, ids, offsets)
         if unknown:
             _warn_caller(f"the {what} has words outside the model's vocabulary, read as <unk>: "
                          f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
@@ -253,11 +253,31 @@ class SequenceFormat:
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of ``text`` the tokenizer reads as its unknown token, in order (none for byte-level BPE)."""
+        return self._unknown(text, *self._tokenize(text))
+
+    def read_prefix(self, text: str) -> str | None:
+        """The beginning of ``text`` that ``encode`` keeps, or None when it keeps all of it: for saying what was
+        read. In the user's own characters (token offsets), since decoding would lowercase the toy vocabulary's
+        words and drop the unknown ones; decoded where the tokenizer has no offsets."""
+        ids, offsets = self._tokenize(text)
+        limit = self.config.max_text_tokens
+        if len(ids) <= limit:
+            return None
+        if offsets is not None:
+            return text[:offsets[limit - 1][1]].strip()
+        return self.tokenizer.decode(ids[:limit], skip_special_tokens=True).strip()
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """Ids without special tokens, and their character offsets where the tokenizer gives them (fast ones)."""
+        fast = self.tokenizer.is_fast
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+        return enc["input_ids"], enc["offset_mapping"] if fast else None
+
+    def _unknown(self, text: str, ids: list[int], offsets: list[tuple[int, int]] | None) -> list[str]:
         unk = self.tokenizer.unk_token_id
-        if unk is None or not self.tokenizer.is_fast:
+        if unk is None or offsets is None:
             return []
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        return [text[a:b] for i, (a, b) in zip(ids, offsets) if i == unk]
 
     def image(self) -> list[int]:
         return [self.image_start] + [IMAGE_SLOT] * self.config.num_positions + [self.image_end]
@@ -1139,8 +1159,7 @@ MAX_SEED = 2**32 - 1  # a CPU torch.Generator keeps 32 bits of its seed: 0 and 2
 
 
 def _check_seed(seed: Any) -> None:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed <= MAX_SEED):
+    if seed is not None and (not _is_integer(seed) or not 0 <= seed <= MAX_SEED):
         raise ConfigError(f"seed must be None or an integer in [0, {MAX_SEED}], got {seed!r}")
 
 
@@ -1157,6 +1176,10 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _is_integer(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _check_temperature(temperature: float) -> None:
     if not _is_real(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE}], got {temperature!r}")
@@ -1166,15 +1189,14 @@ def check_sampling(config: UnifiedConfig, n: int, cfg_scale: float, temperature:
                    top_p: float | None) -> None:
     """Raise ConfigError naming the first text-to-image sampling setting out of range (``generate_codes`` and
     ``dualtoken.eval unified`` check before any work)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_IMAGES:
+    if not _is_integer(n) or not 1 <= n <= MAX_IMAGES:
         raise ConfigError(f"n must be an integer in [1, {MAX_IMAGES}], got {n!r}")
     if not _is_real(cfg_scale) or not CFG_RANGE[0] <= cfg_scale <= CFG_RANGE[1]:
         raise ConfigError(f"cfg_scale must be a number in [{CFG_RANGE[0]}, {CFG_RANGE[1]}] (1 = no guidance), "
                           f"got {cfg_scale!r}")
     _check_temperature(temperature)
     k_max = min(config.pixel_codebook_size, config.semantic_codebook_size)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
-                              or not 1 <= top_k <= k_max):
+    if top_k is not None and (not _is_integer(top_k) or not 1 <= top_k <= k_max):
         raise ConfigError(f"top_k must be None or an integer in [1, {k_max}] (the codebook size), got {top_k!r}")
     if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
