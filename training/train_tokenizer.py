@@ -12,7 +12,7 @@ The shipped row d, as training/recipes/tiny.sh runs it (which exports to assets/
 defaults are the official full-size schedule (781,250 steps), so a tiny run sets its own budget:
 
     python -m training.train_tokenizer --teacher assets/teacher-tiny --row d --data toy --seed 0 --threads 1 \\
-        --steps 400 --batch-size 16 --lr 1e-3 --warmup 100 --gan-start 300 --disc-ndf 32 --save-every 100 \\
+        --steps 1200 --batch-size 16 --lr 1e-3 --warmup 100 --gan-start 900 --disc-ndf 32 --save-every 100 \\
         --log-every 10 --eval-size 1000 --workers 1 --out runs/dualtoken-tiny --resume \\
         --export runs/dualtoken-tiny/export
     accelerate launch -m training.train_tokenizer --teacher ... --data wds:/data/cc12m/{00000..01242}.tar ...
