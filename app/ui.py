@@ -76,7 +76,7 @@ GENERATE_TEXT = """
 transformers pick the RVQ codes of the pixel and the semantic vocabulary; only the pixel codes are decoded to pixels.
 Classifier-free guidance (CFG) scales how strongly the prompt steers sampling. Prompts follow the toy world's
 captions, word for word: *a {color} {texture} {category}* (always "a", e.g. *a orange dotted ankle boot*).
-The embedded tiny model (43 minutes of CPU training) draws the prompt's color most of the time and its texture now
+The embedded tiny model (about an hour of CPU training) draws the prompt's color most of the time and its texture now
 and then, but seldom the object's shape (RESULTS.md).
 """
 

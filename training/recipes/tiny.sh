@@ -9,8 +9,7 @@
 #
 # Every stage checkpoints into runs/ and is resumable: re-running this script continues an interrupted stage
 # (bitwise as if it had not stopped) and re-exports finished ones. The shipped checkpoints were made with exactly
-# these defaults (seed 0) and the thread counts below, except unified-tiny, which until its retraining lands reads
-# the 400-step tokenizer of commit 0bab63a (TOKENIZER_STEPS=400 and that commit's presets; RESULTS.md). Times measured on the 2-core development machine: teacher
+# these defaults (seed 0) and the thread counts below. Times measured on the 2-core development machine: teacher
 # 49 min (2000 steps, 2 threads); rows d and a side by side, 56 min each (1 thread each); the unified model alone
 # with 2 threads (4 min to encode 20k images once, 43 min of training): the shipped checkpoints in about 2.5 hours.
 # Table 3's rows b and c (side by side, as d and a) and Table 4 (2 x 600 VQA-only steps) are for RESULTS.md only and
