@@ -11,9 +11,9 @@
 # (bitwise as if it had not stopped) and re-exports finished ones. The shipped checkpoints were made with exactly
 # these defaults (seed 0) and the thread counts below. Times measured on the 2-core development machine: teacher
 # 49 min (2000 steps, 2 threads); rows d and a side by side, 56 min each (1 thread each); the unified model alone
-# with 2 threads (4 min to encode 20k images once, 43 min of training): the shipped checkpoints in about 2.5 hours.
-# Table 3's rows b and c (side by side, as d and a) and Table 4 (2 x 600 VQA-only steps) are for RESULTS.md only and
-# add about 1.2 hours. Run as
+# with 2 threads (4 min to encode 20k images once, 43-60 min of training): the shipped checkpoints in 2.5-2.8 hours.
+# Table 3's rows b and c (side by side, as d and a, about 50 min) and Table 4 (2 x 1200 VQA-only steps, about 26 min)
+# are for RESULTS.md only and add about 1.3 hours. Run as
 #   STAGES=teacher bash training/recipes/tiny.sh
 #   STAGES=d bash training/recipes/tiny.sh & STAGES=a bash training/recipes/tiny.sh & wait
 #   STAGES=unified THREADS=2 bash training/recipes/tiny.sh
@@ -33,11 +33,11 @@ CATEGORY_HEAD=${CATEGORY_HEAD:-5}        # loss: over the category captions, and
 POSITION_INIT=${POSITION_INIT:-sincos}   # the teacher tower's start: sincos positions and mimetic attention make
 ATTENTION_INIT=${ATTENTION_INIT:-mimetic} # it local at step 0 (training/locality.py); random/random is SigLIP's own
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200} # x 16 images, each of the four Table 3 rows (same budget), ~56 min each
-UNIFIED_STEPS=${UNIFIED_STEPS:-1800}     # x 16 examples, ~43 min with 2 threads and the code cache (400 steps
+UNIFIED_STEPS=${UNIFIED_STEPS:-1800}     # x 16 examples, 43-60 min with 2 threads and the code cache (400 steps
                                          # drew stripes of colour, 1200 draw objects, 1800 answer better than
                                          # 1200: RESULTS.md)
-TABLE4_STEPS=${TABLE4_STEPS:-600}        # x 16 VQA examples, each of the two Table 4 rows (at 200 neither had
-                                         # learnt colour from these codes: RESULTS.md)
+TABLE4_STEPS=${TABLE4_STEPS:-1200}       # x 16 VQA examples, each of the two Table 4 rows, ~13 min each with 2
+                                         # threads (at 600 neither had learnt colour from these codes: RESULTS.md)
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
 TEACHER_THREADS=${TEACHER_THREADS:-2}
