@@ -53,6 +53,7 @@ def test_trains_exports_and_loss_decreases(setup, tmp_path):
     assert model.config.lm == "lm" and (export / "tokenizer" / "config.json").is_file()
     card = (export / "README.md").read_text()
     assert "12 steps x 4 examples" in card and "VQA category" in card
+    assert "bundled in `tokenizer/`" in card  # the card says where the tokenizer it reads lives
     assert (out / "codes.pt").is_file()  # encoded once, reused on resume
 
 

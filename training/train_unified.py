@@ -34,7 +34,7 @@ from dualtoken.data import QUESTION_TEMPLATES, caption_variants
 from dualtoken.errors import ConfigError
 from dualtoken.eval import evaluate_vqa, toy_vqa_set
 from dualtoken.tokenizer import DualTokenizer
-from dualtoken.unified import TASKS, UnifiedExample, UnifiedModel
+from dualtoken.unified import TASKS, TOKENIZER_DIR, UnifiedExample, UnifiedModel
 
 from training.common import (HelpFormatter, LoopSettings, TrainingRun, adamw, add_run_arguments, atomic_torch_save,
                              batches, export_fp16, load_preset_arg, logger, make_accelerator, model_card, run_cli,
@@ -251,9 +251,9 @@ def _card(args, run: TrainingRun, model: UnifiedModel, tasks: dict[str, float], 
                 "semantic residual codes through two depth-transformer heads (paper Sec. 3.3, Fig. 3c).",
         facts={"language model": args.lm or f"{lm.model_type}, {lm.num_hidden_layers} layers x {lm.hidden_size}, "
                                             f"trained from scratch on the toy-world word-level vocabulary",
-               "image tokenizer": f"{args.tokenizer} (frozen); grid {c.grid[0]}x{c.grid[1]}, pixel depth "
-                                  f"{c.pixel_depth}, semantic depth {c.semantic_depth}; LM reads "
-                                  f"{args.understanding_input} tokens",
+               "image tokenizer": f"`{args.tokenizer}`, bundled in `{TOKENIZER_DIR}/` (frozen); grid "
+                                  f"{c.grid[0]}x{c.grid[1]}, pixel depth {c.pixel_depth}, semantic depth "
+                                  f"{c.semantic_depth}; LM reads {args.understanding_input} tokens",
                "data": f"{args.train_size} toy-world train images ({args.data}), held-out attribute combinations "
                        "excluded; tasks " + ", ".join(f"{k} {v:.0%}" for k, v in tasks.items()),
                "training": f"{run.step} steps x {run.global_batch} examples, AdamW lr {args.lr} (warmup "
