@@ -27,17 +27,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 SEED=${SEED:-0}
-TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images, ~49 min with 2 threads
+TEACHER_STEPS=${TEACHER_STEPS:-2000}     # x 64 images
 CATEGORY_LOSS=${CATEGORY_LOSS:-1}        # weights of the teacher's category cross-entropies beside the sigmoid
 CATEGORY_HEAD=${CATEGORY_HEAD:-5}        # loss: over the category captions, and through a linear head
 POSITION_INIT=${POSITION_INIT:-sincos}   # the teacher tower's start: sincos positions and mimetic attention make
 ATTENTION_INIT=${ATTENTION_INIT:-mimetic} # it local at step 0 (training/locality.py); random/random is SigLIP's own
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200} # x 16 images, each of the four Table 3 rows (same budget), ~56 min each
-UNIFIED_STEPS=${UNIFIED_STEPS:-1800}     # x 16 examples, 43-60 min with 2 threads and the code cache (400 steps
-                                         # drew stripes of colour, 1200 draw objects, 1800 answer better than
-                                         # 1200: RESULTS.md)
-TABLE4_STEPS=${TABLE4_STEPS:-1200}       # x 16 VQA examples, each of the two Table 4 rows, ~13 min each with 2
-                                         # threads (at 600 neither had learnt colour from these codes: RESULTS.md)
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200} # x 16 images, each of the four Table 3 rows (same budget)
+UNIFIED_STEPS=${UNIFIED_STEPS:-1800}     # x 16 examples (400 steps drew stripes of colour, 1200 draw objects,
+                                         # 1800 answer better than 1200: RESULTS.md)
+TABLE4_STEPS=${TABLE4_STEPS:-1200}       # x 16 VQA examples, each of the two Table 4 rows (at 600 neither had
+                                         # learnt colour from these codes: RESULTS.md)
 EVAL_SIZE=${EVAL_SIZE:-1000}             # toy val images measured for each model card
 THREADS=${THREADS:-1}
 TEACHER_THREADS=${TEACHER_THREADS:-2}
