@@ -59,8 +59,8 @@ def teacher_argv(presets, out, *extra) -> list[str]:
 
 
 def test_category_probe_reports_a_held_out_curve(presets, tmp_path, capsys):
-    """The supervised shape probe through its entry point: a curve of held-out accuracy, and a clear error for a
-    patch that does not tile the image."""
+    """The supervised shape probe through its entry point: a curve of held-out accuracy, a clear error for a patch
+    that does not tile the image, and the CNN reference with per-category accuracies at the end."""
     argv = ["--preset", str(presets["teacher"]), "--data", "toy-shapes", "--train-size", "64", "--steps", "4",
             "--batch-size", "8", "--warmup", "1", "--eval-every", "2", "--eval-size", "12", "--lr", "3e-3",
             "--json", str(tmp_path / "curve.json")]
@@ -73,6 +73,12 @@ def test_category_probe_reports_a_held_out_curve(presets, tmp_path, capsys):
     assert json.loads((tmp_path / "curve.json").read_text()) != curve  # another start, another curve
     assert probe_category.main(argv + ["--patch-size", "5"]) == 2
     assert "does not divide" in capsys.readouterr().err
+    assert probe_category.main(argv + ["--tower", "cnn"]) == 0  # the convolutional reference
+    cnn = json.loads((tmp_path / "curve.json").read_text())
+    assert "tower: cnn" in capsys.readouterr().out
+    per_category = cnn[-1]["per_category"]
+    assert set(per_category) <= {"circle", "square", "triangle", "star", "heart", "cross"}
+    assert all(0.0 <= a <= 1.0 for a in per_category.values()) and "per_category" not in cnn[0]
 
 
 def tokenizer_argv(teacher, presets, out, row="d", preset="dual", *extra) -> list[str]:
