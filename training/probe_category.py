@@ -82,16 +82,16 @@ def probe(args) -> list[dict]:
     "per_category", the held-out accuracy of each category."""
     preset = load_preset_arg(args.preset)
     vision_config = dict(preset["vision"])
-    if args.patch_size:
-        vision_config["patch_size"] = args.patch_size
-    if vision_config["image_size"] % vision_config["patch_size"]:
-        raise DualTokenError(f"patch size {vision_config['patch_size']} does not divide the image size "
-                             f"{vision_config['image_size']}")
     torch.manual_seed(args.seed)
-    if args.tower == "cnn":
+    if args.tower == "cnn":  # the preset gives only the image size: the patch and start options are the ViT's
         tower = ConvTower()
         pooled, width = tower, tower.hidden_size
     else:
+        if args.patch_size:
+            vision_config["patch_size"] = args.patch_size
+        if vision_config["image_size"] % vision_config["patch_size"]:
+            raise DualTokenError(f"patch size {vision_config['patch_size']} does not divide the image size "
+                                 f"{vision_config['image_size']}")
         tower = Teacher.from_towers(vision_config, preset["text"]).vision
         apply_start(tower, args)
         pooled, width = (lambda x: tower(pixel_values=x).pooler_output), tower.config.hidden_size
